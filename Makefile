@@ -1,0 +1,29 @@
+# The two README commands. Each creates its own virtual environment on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test,examples]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m ruff check dualopt_jax tests examples benchmarks
+	$(PY) -m pytest -n 2 -q $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/step_time.py
+	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/compile_time.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,232 @@
+"""Parameter-tree paths: normalization, definition order and per-leaf specs.
+
+Optimizers see the same parameters in several wrappings: Linen dicts with or
+without the ``params`` collection, NNX ``State`` whose leaves are ``Variable``
+objects (``nnx.Optimizer`` passes those to ``init`` and plain arrays to
+``update``), and trees rebuilt by ``jax.tree`` whose dicts are sorted by key.
+Everything here works on *normalized paths* -- tuples of ``str``/``int`` with
+the ``Variable`` ``.value`` step dropped -- so a spec built from one wrapping
+applies to another.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+Path = tuple[str | int, ...]
+PathFilter = Callable[[Path], bool]
+
+_VARIABLE_VALUE_KEYS = ("value", "raw_value")
+
+
+def normalize_path(key_path: Sequence[Any]) -> Path:
+  """Turns a ``jax.tree_util`` key path into a tuple of ``str``/``int`` keys."""
+  out: list[str | int] = []
+  for key in key_path:
+    if isinstance(key, jax.tree_util.GetAttrKey):
+      if key.name in _VARIABLE_VALUE_KEYS:
+        continue
+      out.append(key.name)
+    elif isinstance(key, jax.tree_util.DictKey):
+      out.append(key.key if isinstance(key.key, int) else str(key.key))
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      out.append(key.idx)
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      out.append(key.key)
+    else:
+      out.append(str(key))
+  return tuple(out)
+
+
+def path_str(path: Path) -> str:
+  """``('layers', 0, 'kernel')`` -> ``'layers/0/kernel'``."""
+  return "/".join(str(k) for k in path) if path else "<root>"
+
+
+def is_masked_node(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def leaves_with_paths(tree: Any) -> list[tuple[Path, Any]]:
+  """Leaves of ``tree`` with normalized paths, in ``jax.tree`` order.
+
+  ``optax.MaskedNode`` placeholders (what ``optax.masked`` passes for
+  masked-out leaves) are returned as leaves so callers can skip them.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked_node)
+  return [(normalize_path(kp), leaf) for kp, leaf in flat]
+
+
+def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+  """``jax.tree.map`` passing the normalized path first; MaskedNodes pass through."""
+
+  def apply(kp: Any, leaf: Any, *others: Any) -> Any:
+    if is_masked_node(leaf):
+      return leaf
+    return fn(normalize_path(kp), leaf, *others)
+
+  return jax.tree_util.tree_map_with_path(apply, tree, *rest, is_leaf=is_masked_node)
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def definition_order(tree: Any) -> list[tuple[Path, Any]]:
+  """Leaves with normalized paths in the order the model defined them.
+
+  Python dicts (Linen ``init`` output, NNX ``State``) keep insertion order,
+  which is the order modules created their parameters; ``jax.tree`` would sort
+  the keys instead (``layers_10`` before ``layers_2``, ``bias`` before
+  ``kernel``). Sequences keep their index order. Other pytree nodes fall back
+  to ``jax.tree`` order.
+  """
+  out: list[tuple[Path, Any]] = []
+
+  def walk(node: Any, prefix: Path) -> None:
+    if node is None or is_masked_node(node):
+      return
+    if _is_variable(node):
+      walk(node.get_value(), prefix)
+    elif isinstance(node, Mapping) or hasattr(node, "items") and callable(node.items):
+      for key, child in node.items():
+        walk(child, (*prefix, key if isinstance(key, int) else str(key)))
+    elif isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
+      for i, child in enumerate(node):
+        walk(child, (*prefix, i))
+    elif isinstance(node, (jax.Array, np.ndarray, np.generic, float, int, bool)) or hasattr(
+      node, "shape"
+    ):
+      out.append((prefix, node))
+    else:
+      for kp, leaf in jax.tree_util.tree_flatten_with_path(node, is_leaf=_is_variable)[0]:
+        walk(leaf, (*prefix, *normalize_path(kp)))
+
+  walk(tree, ())
+  return out
+
+
+def is_float_leaf(x: Any) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def path_filter(patterns: str | Sequence[str]) -> PathFilter:
+  """A predicate on paths from glob patterns over ``'a/b/c'`` strings.
+
+  A pattern matches when it matches a contiguous run of path components:
+  ``'head'`` matches ``head/kernel``; ``'*/bias'`` every bias; ``'layers/0'``
+  everything under ``layers/0``.
+  """
+  if isinstance(patterns, str):
+    patterns = [patterns]
+  patterns = list(patterns)
+
+  def matches(path: Path) -> bool:
+    text = path_str(path)
+    for pattern in patterns:
+      for candidate in (pattern, pattern + "/*", "*/" + pattern, "*/" + pattern + "/*"):
+        if fnmatch.fnmatchcase(text, candidate):
+          return True
+    return False
+
+  return matches
+
+
+class PathTable:
+  """Values of a pytree keyed by normalized path, for wrapping-independent lookup."""
+
+  def __init__(self, tree: Any, *, name: str):
+    self.name = name
+    self.entries: dict[Path, Any] = {}
+    for path, leaf in leaves_with_paths(tree):
+      if not is_masked_node(leaf):
+        self.entries[path] = leaf
+
+  def __iter__(self) -> Iterator[Path]:
+    return iter(self.entries)
+
+  def get(self, path: Path) -> Any:
+    try:
+      return self.entries[path]
+    except KeyError:
+      known = ", ".join(path_str(p) for p in list(self.entries)[:8])
+      raise ValueError(
+        f"{self.name} has no entry for parameter path '{path_str(path)}'; "
+        f"its paths are: {known}{', ...' if len(self.entries) > 8 else ''}."
+      ) from None
+
+
+def resolve_per_leaf(spec: Any, tree: Any, *, name: str) -> Any:
+  """Maps a per-leaf spec onto ``tree``: a tree of values with ``tree``'s structure.
+
+  ``spec`` is a scalar/array (the same for every leaf), a callable
+  ``(path, leaf) -> value``, or a pytree over the same parameters (any
+  wrapping; matched by normalized path). Values must broadcast against their
+  leaf without changing its shape (e.g. shape ``(L, 1, 1)`` for ``L`` stacked
+  layers).
+  """
+  if callable(spec) and not hasattr(spec, "shape"):
+    fn = spec
+  elif _is_scalar_like(spec):
+    return map_with_path(lambda _p, _x: spec, tree)
+  else:
+    table = PathTable(spec, name=name)
+    fn = lambda path, _leaf: table.get(path)
+
+  def value_for(path: Path, leaf: Any) -> Any:
+    value = fn(path, leaf)
+    _check_broadcasts(value, leaf, path, name)
+    return value
+
+  return map_with_path(value_for, tree)
+
+
+def _is_scalar_like(x: Any) -> bool:
+  return isinstance(x, (int, float, np.number)) or (hasattr(x, "shape") and not isinstance(
+    x, Mapping
+  ) and hasattr(x, "dtype"))
+
+
+def _check_broadcasts(value: Any, leaf: Any, path: Path, name: str) -> None:
+  value_shape = np.shape(value)
+  leaf_shape = np.shape(leaf)
+  try:
+    ok = np.broadcast_shapes(value_shape, leaf_shape) == tuple(leaf_shape)
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(
+      f"{name} for '{path_str(path)}' has shape {value_shape}, which does not broadcast "
+      f"against the parameter's shape {tuple(leaf_shape)}; use a scalar, or an array "
+      f"such as shape (L, 1, ...) for L stacked layers."
+    )
+
+
+def mask_callable(mask: Any) -> Callable[[Any], Any]:
+  """An ``optax.masked``-style mask callable that works across wrappings.
+
+  Accepts a pytree of bools (matched by path, so one built from ``nnx.state``
+  works inside ``nnx.Optimizer``), a callable ``params -> pytree of bools``,
+  or glob patterns (``str`` or list of ``str``, see :func:`path_filter`).
+  """
+  if isinstance(mask, str) or (
+    isinstance(mask, (list, tuple)) and mask and all(isinstance(m, str) for m in mask)
+  ):
+    selects = path_filter(mask)
+    return lambda tree: map_with_path(lambda path, _x: selects(path), tree)
+  if callable(mask):
+    return lambda tree: _as_bool_tree(mask(tree), tree)
+  return lambda tree: _as_bool_tree(mask, tree)
+
+
+def _as_bool_tree(mask_tree: Any, tree: Any) -> Any:
+  table = PathTable(mask_tree, name="mask")
+  return map_with_path(lambda path, _x: bool(table.get(path)), tree)

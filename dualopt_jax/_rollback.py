@@ -1,0 +1,306 @@
+"""Weight rollback toward an anchor (OLOR/DualOpt fine-tuning) and real-time decay.
+
+Both are the same operator on the *post-step* weights ``p + u``::
+
+  u' = u - lambda * (p + u - anchor)       lambda = rate(t) * layer_scale(leaf)
+
+``rollback_to`` keeps the anchor (pre-trained weights) in its state;
+``layerwise_decay`` uses the anchor 0 and stores nothing param-sized.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax._src import base as optax_base
+
+from dualopt_jax import _paths
+
+ScalarOrSchedule = optax.ScalarOrSchedule
+
+
+class RollbackState(NamedTuple):
+  """State of :func:`rollback_to`."""
+
+  count: chex.Array  # int32 scalar: number of updates so far; rate is evaluated here.
+  anchor: optax.Params  # the weights rolled back to, possibly at a lower precision.
+
+
+class LayerwiseDecayState(NamedTuple):
+  """State of :func:`layerwise_decay`."""
+
+  count: chex.Array  # int32 scalar.
+
+
+def _concrete_float(x: Any) -> np.ndarray | None:
+  """The value of ``x`` if it is known now (not traced), else None."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  try:
+    arr = np.asarray(x, dtype=np.float64)
+  except (TypeError, ValueError, jax.errors.TracerArrayConversionError):
+    return None
+  return arr
+
+
+def check_fraction_range(rate: Any, layer_scale: Any, *, name: str) -> None:
+  """Raises when ``rate * layer_scale`` is known now and leaves [0, 1]."""
+  if callable(rate):
+    return
+  rate_value = _concrete_float(rate)
+  if rate_value is None:
+    return
+  if np.any(rate_value < 0) or np.any(rate_value > 1):
+    raise ValueError(
+      f"{name}: rate must lie in [0, 1] (it is the fraction of the way back per step), "
+      f"got {rate!r}."
+    )
+  if callable(layer_scale) or not _paths._is_scalar_like(layer_scale):
+    return
+  scale_value = _concrete_float(layer_scale)
+  if scale_value is None:
+    return
+  lam = rate_value * scale_value
+  if np.any(scale_value < 0) or np.any(lam > 1):
+    raise ValueError(
+      f"{name}: rate * layer_scale = {float(np.max(lam)):g} leaves [0, 1]; "
+      f"layer_scale must be >= 0 and rate * layer_scale <= 1."
+    )
+
+
+def _check_scales_in_range(scales: Any, rate: Any, *, name: str) -> None:
+  """Per-leaf check of concrete layer scales (run at init, outside any trace of values)."""
+  rate_value = None if callable(rate) else _concrete_float(rate)
+  for path, value in _paths.leaves_with_paths(scales):
+    v = _concrete_float(value)
+    if v is None:
+      continue
+    if np.any(v < 0) or (rate_value is not None and np.any(rate_value * v > 1)):
+      raise ValueError(
+        f"{name}: layer_scale for '{_paths.path_str(path)}' is {v!r}; with rate "
+        f"{rate!r} the per-step fraction must stay in [0, 1]."
+      )
+
+
+def _rate_at(rate: ScalarOrSchedule, count: chex.Array) -> chex.Array:
+  return rate(count) if callable(rate) else rate
+
+
+def _pull_toward(u: chex.Array, p: chex.Array, a: chex.Array | None, lam: Any) -> chex.Array:
+  """``u - lam * (p + u - a)`` (``a=None`` means 0), computed in at least float32."""
+  if not _paths.is_float_leaf(u):
+    return u
+  compute = jnp.promote_types(u.dtype, jnp.float32)
+  post = p.astype(compute) + u.astype(compute)
+  if a is not None:
+    post = post - a.astype(compute)
+  return (u.astype(compute) - jnp.asarray(lam, compute) * post).astype(u.dtype)
+
+
+def _masked(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
+  if mask is None:
+    return tx
+  return optax.masked(tx, _paths.mask_callable(mask))
+
+
+def check_anchor_matches(params0: Any, params: Any) -> _paths.PathTable:
+  """Raises ``ValueError`` naming the first path where params0 and params differ."""
+  table = _paths.PathTable(params0, name="params0")
+  seen = set()
+  for path, leaf in _paths.leaves_with_paths(params):
+    seen.add(path)
+    if path not in table.entries:
+      raise ValueError(
+        f"params0 does not match params: params has '{_paths.path_str(path)}' with shape "
+        f"{tuple(np.shape(leaf)) if not _paths.is_masked_node(leaf) else '(masked)'}, "
+        f"params0 has no such path."
+      )
+    if _paths.is_masked_node(leaf):
+      continue
+    anchor = table.entries[path]
+    if tuple(np.shape(anchor)) != tuple(np.shape(leaf)):
+      raise ValueError(
+        f"params0 does not match params at '{_paths.path_str(path)}': params0 has shape "
+        f"{tuple(np.shape(anchor))}, params has shape {tuple(np.shape(leaf))}."
+      )
+    if jnp.dtype(anchor.dtype) != jnp.dtype(leaf.dtype):
+      raise ValueError(
+        f"params0 does not match params at '{_paths.path_str(path)}': params0 has dtype "
+        f"{anchor.dtype} (shape {tuple(np.shape(anchor))}), params has dtype {leaf.dtype} "
+        f"(shape {tuple(np.shape(leaf))})."
+      )
+  extra = [p for p in table.entries if p not in seen]
+  if extra:
+    raise ValueError(
+      f"params0 does not match params: params0 has '{_paths.path_str(extra[0])}' with shape "
+      f"{tuple(np.shape(table.entries[extra[0]]))}, params has no such path."
+    )
+  return table
+
+
+def _store_anchor(x: chex.Array, anchor_dtype: Any) -> chex.Array:
+  if anchor_dtype is not None and _paths.is_float_leaf(x):
+    return jnp.asarray(x, dtype=anchor_dtype)
+  return jnp.array(x, copy=True)
+
+
+def rollback_to(
+  params0: optax.Params | None = None,
+  *,
+  rate: ScalarOrSchedule,
+  layer_scale: Any = 1.0,
+  mask: Any = None,
+  anchor_dtype: Any = None,
+) -> optax.GradientTransformation:
+  r"""Pulls the post-step weights back toward an anchor (OLOR weight rollback).
+
+  Place it *after* the learning-rate scaling in a chain. With ``u`` the
+  incoming update, ``p`` the current parameters and ``a`` the anchor:
+
+  .. math::
+
+    \lambda_{i,t} = \mathrm{rate}(t)\,s_i, \qquad
+    u' = u - \lambda_{i,t}\,(p + u - a),
+
+  so that :math:`p + u' - a = (1 - \lambda_{i,t})(p + u - a)`: the weights
+  after the plain optimizer step are moved the fraction :math:`\lambda` of
+  the way back to the anchor. ``t`` counts updates from 0, like
+  ``optax.scale_by_learning_rate``. Non-float leaves pass through unchanged.
+
+  Args:
+    params0: the anchor (pre-trained weights), a pytree over the same
+      parameters (any wrapping: Linen dict, NNX ``State``); ``None`` uses the
+      params given to ``init`` (copied). Stored in the optimizer state, never
+      in a closure, so it is sharded, donated and checkpointed with the state.
+    rate: per-step fraction, a scalar or an Optax schedule of the step count.
+    layer_scale: per-leaf multiplier :math:`s_i`: a scalar, a pytree over the
+      params (a leaf may be an array broadcasting against the parameter, e.g.
+      shape ``(L, 1, 1)`` for ``L`` stacked layers) or a callable
+      ``(path, leaf) -> value`` with ``path`` a tuple of ``str``/``int`` keys.
+    mask: which leaves to roll back: a pytree of bools, a callable
+      ``params -> pytree of bools``, or glob patterns over ``'a/b/c'`` paths.
+      Masked-out leaves store no anchor.
+    anchor_dtype: store the anchor at this dtype (e.g. ``jnp.bfloat16``).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`RollbackState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import dualopt_jax as dj
+    >>> params = {'w': jnp.ones(3)}
+    >>> tx = optax.chain(optax.adam(1e-2), dj.rollback_to(rate=0.1))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones(3)}, state, params)
+    >>> optax.apply_updates(params, updates)['w']  # 0.99, then 10% back to 1.0
+    Array([0.991, 0.991, 0.991], dtype=float32)
+
+  References:
+    Huang, Li et al., "One Step Learning, One Step Review" (OLOR), AAAI 2024;
+    Ning, Li et al., "DualOpt: decoupled optimization for scratch and
+    fine-tuning", 2026.
+  """
+  check_fraction_range(rate, layer_scale, name="rollback_to")
+
+  def init_fn(params: optax.Params) -> RollbackState:
+    if params0 is None:
+      anchor = _paths.map_with_path(lambda _p, x: _store_anchor(x, anchor_dtype), params)
+    else:
+      table = check_anchor_matches(params0, params)
+      anchor = _paths.map_with_path(
+        lambda path, _x: _store_anchor(table.entries[path], anchor_dtype), params
+      )
+    _check_scales_in_range(
+      _paths.resolve_per_leaf(layer_scale, params, name="layer_scale"), rate, name="rollback_to"
+    )
+    return RollbackState(count=jnp.zeros([], jnp.int32), anchor=anchor)
+
+  def update_fn(updates, state: RollbackState, params=None):
+    if params is None:
+      raise ValueError(optax_base.NO_PARAMS_MSG)
+    rate_t = _rate_at(rate, state.count)
+    scales = _paths.resolve_per_leaf(layer_scale, updates, name="layer_scale")
+    new_updates = jax.tree.map(
+      lambda u, p, a, s: u if _paths.is_masked_node(u) else _pull_toward(u, p, a, rate_t * s),
+      updates,
+      params,
+      state.anchor,
+      scales,
+      is_leaf=_paths.is_masked_node,
+    )
+    return new_updates, RollbackState(optax.safe_increment(state.count), state.anchor)
+
+  return _masked(optax.GradientTransformation(init_fn, update_fn), mask)
+
+
+def layerwise_decay(
+  *,
+  rate: ScalarOrSchedule,
+  layer_scale: Any = 1.0,
+  mask: Any = None,
+) -> optax.GradientTransformation:
+  r"""Real-time weight decay of the post-step weights (DualOpt scratch mode).
+
+  The :func:`rollback_to` operator with anchor 0; stores no anchor:
+
+  .. math::
+
+    u' = u - \lambda_{i,t}\,(p + u), \qquad p + u' = (1 - \lambda_{i,t})(p + u).
+
+  Unlike ``optax.add_decayed_weights`` (decay of the *pre*-step weights,
+  scaled by the learning rate when placed before it), this shrinks the weights
+  after the optimizer step by the fraction :math:`\lambda_{i,t} =
+  \mathrm{rate}(t)\,s_i` directly.
+
+  Args:
+    rate: per-step fraction, a scalar or an Optax schedule of the step count.
+    layer_scale: per-leaf multiplier (scalar, pytree, or ``(path, leaf)``
+      callable; see :func:`rollback_to`).
+    mask: which leaves to decay (pytree of bools, callable, or glob patterns).
+
+  Returns:
+    An ``optax.GradientTransformation`` with :class:`LayerwiseDecayState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import dualopt_jax as dj
+    >>> tx = optax.chain(optax.sgd(0.0), dj.layerwise_decay(rate=0.5))
+    >>> params = {'w': jnp.ones(2)}
+    >>> updates, _ = tx.update({'w': jnp.zeros(2)}, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)['w']
+    Array([0.5, 0.5], dtype=float32)
+
+  References:
+    Ning, Li et al., "DualOpt: decoupled optimization for scratch and
+    fine-tuning", 2026 (abstract; the operator's exact form is our reading,
+    see BUILD_NOTES.md).
+  """
+  check_fraction_range(rate, layer_scale, name="layerwise_decay")
+
+  def init_fn(params: optax.Params) -> LayerwiseDecayState:
+    _check_scales_in_range(
+      _paths.resolve_per_leaf(layer_scale, params, name="layer_scale"), rate,
+      name="layerwise_decay",
+    )
+    return LayerwiseDecayState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state: LayerwiseDecayState, params=None):
+    if params is None:
+      raise ValueError(optax_base.NO_PARAMS_MSG)
+    rate_t = _rate_at(rate, state.count)
+    scales = _paths.resolve_per_leaf(layer_scale, updates, name="layer_scale")
+    new_updates = jax.tree.map(
+      lambda u, p, s: u if _paths.is_masked_node(u) else _pull_toward(u, p, None, rate_t * s),
+      updates,
+      params,
+      scales,
+      is_leaf=_paths.is_masked_node,
+    )
+    return new_updates, LayerwiseDecayState(optax.safe_increment(state.count))
+
+  return _masked(optax.GradientTransformation(init_fn, update_fn), mask)
