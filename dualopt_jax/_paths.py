@@ -164,16 +164,22 @@ class PathTable:
       ) from None
 
 
-def resolve_per_leaf(spec: Any, tree: Any, *, name: str) -> Any:
+def resolve_per_leaf(spec: Any, tree: Any, *, name: str, at_init: bool = False) -> Any:
   """Maps a per-leaf spec onto ``tree``: a tree of values with ``tree``'s structure.
 
   ``spec`` is a scalar/array (the same for every leaf), a callable
   ``(path, leaf) -> value``, or a pytree over the same parameters (any
   wrapping; matched by normalized path). Values must broadcast against their
   leaf without changing its shape (e.g. shape ``(L, 1, 1)`` for ``L`` stacked
-  layers).
+  layers). An object with a ``per_leaf_values(tree, at_init=...)`` method (a
+  :class:`~dualopt_jax.LayerProfile`) computes values from the whole tree;
+  ``at_init`` says whether ``tree`` is the one given to ``init``, which still
+  has the model's definition order.
   """
-  if callable(spec) and not hasattr(spec, "shape"):
+  if hasattr(spec, "per_leaf_values"):
+    table = PathTable(spec.per_leaf_values(tree, at_init=at_init), name=name)
+    fn = lambda path, _leaf: table.get(path)
+  elif callable(spec) and not hasattr(spec, "shape"):
     fn = spec
   elif _is_scalar_like(spec):
     return map_with_path(lambda _p, _x: spec, tree)

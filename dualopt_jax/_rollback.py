@@ -197,8 +197,9 @@ def rollback_to(
     >>> tx = optax.chain(optax.adam(1e-2), dj.rollback_to(rate=0.1))
     >>> state = tx.init(params)
     >>> updates, state = tx.update({'w': jnp.ones(3)}, state, params)
-    >>> optax.apply_updates(params, updates)['w']  # 0.99, then 10% back to 1.0
-    Array([0.991, 0.991, 0.991], dtype=float32)
+    >>> new = optax.apply_updates(params, updates)['w']  # 0.99, then 10% back to 1.0
+    >>> print(new.round(4))
+    [0.991 0.991 0.991]
 
   References:
     Huang, Li et al., "One Step Learning, One Step Review" (OLOR), AAAI 2024;
@@ -216,7 +217,7 @@ def rollback_to(
         lambda path, _x: _store_anchor(table.entries[path], anchor_dtype), params
       )
     _check_scales_in_range(
-      _paths.resolve_per_leaf(layer_scale, params, name="layer_scale"), rate, name="rollback_to"
+      _paths.resolve_per_leaf(layer_scale, params, name="layer_scale", at_init=True), rate, name="rollback_to"
     )
     return RollbackState(count=jnp.zeros([], jnp.int32), anchor=anchor)
 
@@ -284,7 +285,7 @@ def layerwise_decay(
 
   def init_fn(params: optax.Params) -> LayerwiseDecayState:
     _check_scales_in_range(
-      _paths.resolve_per_leaf(layer_scale, params, name="layer_scale"), rate,
+      _paths.resolve_per_leaf(layer_scale, params, name="layer_scale", at_init=True), rate,
       name="layerwise_decay",
     )
     return LayerwiseDecayState(count=jnp.zeros([], jnp.int32))

@@ -1,0 +1,280 @@
+"""Ready-made optimizers: ``dualopt`` (fine-tune / scratch modes) and ``olor`` (AdamB)."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jax
+import optax
+
+from dualopt_jax import _paths
+from dualopt_jax._profile import LayerProfile, as_tuple
+from dualopt_jax._rollback import _concrete_float, layerwise_decay, rollback_to
+
+MODES = ("finetune", "scratch")
+OPTIMIZERS = ("adam", "sgd")
+DECAY_PROFILES = ("shallow", "deep", "flat")
+
+# Scratch-mode defaults, chosen by measurement (BUILD_NOTES.md, "Scratch-mode defaults").
+DEFAULT_WEIGHT_DECAY = 1e-4
+DEFAULT_DECAY_PROFILE = "shallow"
+DEFAULT_DECAY_FOLLOWS_LR = True
+
+
+@dataclass(frozen=True)
+class _Description:
+  """What :func:`~dualopt_jax.describe` shows for a transformation built here."""
+
+  kind: str  # "rollback" or "decay"
+  profile: LayerProfile
+  peak_fraction: float | None  # per-step fraction at peak lr for multiplier 1
+  head: Any
+
+
+_DESCRIPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def registered_description(tx: Any) -> _Description | None:
+  init = getattr(tx, "init", None)
+  return _DESCRIPTIONS.get(init) if init is not None else None
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}.")
+
+
+def _base_optimizer(
+  optimizer: str, learning_rate: optax.ScalarOrSchedule, *, b1: float, b2: float, eps: float,
+  momentum: float,
+) -> optax.GradientTransformation:
+  _check_choice("optimizer", optimizer, OPTIMIZERS)
+  if optimizer == "adam":
+    direction = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=0.0)
+  else:
+    direction = optax.trace(decay=momentum, nesterov=False)  # m <- momentum * m + g
+  return optax.chain(direction, optax.scale_by_learning_rate(learning_rate))
+
+
+def _following_lr(
+  fraction: Any, learning_rate: optax.ScalarOrSchedule, peak_learning_rate: float | None,
+  *, name: str,
+) -> optax.ScalarOrSchedule:
+  """``fraction * lr(t) / peak``: the per-step fraction follows the lr schedule."""
+  if callable(learning_rate):
+    if peak_learning_rate is None:
+      raise ValueError(
+        f"{name} follows the learning-rate schedule, scaled so that it equals {name} at the "
+        "peak learning rate: pass peak_learning_rate=<the schedule's peak value> (e.g. the "
+        "peak_value of optax.warmup_cosine_decay_schedule)."
+      )
+    return lambda count: fraction * learning_rate(count) / peak_learning_rate
+  if peak_learning_rate is None:
+    return fraction
+  return fraction * learning_rate / peak_learning_rate
+
+
+def _check_fraction(name: str, value: Any) -> None:
+  concrete = _concrete_float(value)
+  if concrete is not None and (concrete < 0 or concrete > 1):
+    raise ValueError(
+      f"{name} must lie in [0, 1]: it is the fraction of the way back per step at the peak "
+      f"learning rate for the most affected layer; got {value!r}."
+    )
+
+
+def _not_head(head: Any) -> Callable[[Any], Any] | None:
+  if head is None:
+    return None
+  selects_head = _paths.mask_callable(head)
+  return lambda tree: jax.tree.map(lambda is_head: not is_head, selects_head(tree))
+
+
+def dualopt(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  mode: Literal["finetune", "scratch"] = "finetune",
+  rollback: float = 0.01,
+  weight_decay: float = DEFAULT_WEIGHT_DECAY,
+  power: float = 1.0,
+  granularity: Literal["block", "tensor"] = "block",
+  order: Sequence[str] | None = None,
+  stacked: str | Sequence[str] | None = None,
+  head: Any = None,
+  optimizer: Literal["adam", "sgd"] = "adam",
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  momentum: float = 0.9,
+  anchor_dtype: Any = None,
+  peak_learning_rate: float | None = None,
+  decay_profile: Literal["shallow", "deep", "flat"] = DEFAULT_DECAY_PROFILE,
+  decay_follows_lr: bool = DEFAULT_DECAY_FOLLOWS_LR,
+) -> optax.GradientTransformation:
+  r"""DualOpt: Adam (or SGD) with paradigm-aware per-layer rollback or decay.
+
+  With :math:`\hat\theta_t = \theta_{t-1} - \eta_t \hat a_t` the weights after
+  the plain optimizer step (:math:`\hat a` the Adam direction, or the momentum
+  buffer for ``optimizer="sgd"``) and :math:`d_i \in [0, 1]` the depth of
+  layer :math:`i`:
+
+  * ``mode="finetune"`` (OLOR weight rollback toward the pre-trained weights
+    :math:`\theta_0`, captured at ``init``):
+
+    .. math::
+      \theta_t = \hat\theta_t - \lambda_{i,t}(\hat\theta_t - \theta_0), \quad
+      \lambda_{i,t} = \rho\,\frac{\eta_t}{\eta_{peak}}\,(1 - d_i)^{p}
+
+    with :math:`\rho` = ``rollback``: the shallowest layer is pulled back the
+    fraction :math:`\rho` per step at the peak learning rate, the deepest not
+    at all. ``head`` parameters get the plain optimizer step.
+  * ``mode="scratch"`` (real-time layer-wise decay, anchor 0):
+
+    .. math::
+      \theta_t = (1 - \lambda_{i,t})\,\hat\theta_t, \quad
+      \lambda_{i,t} = \omega\,c_t\,s_i
+
+    with :math:`\omega` = ``weight_decay``, :math:`c_t = \eta_t/\eta_{peak}` if
+    ``decay_follows_lr`` else 1, and :math:`s_i = (1 - d_i)^p` (``"shallow"``),
+    :math:`d_i^p` (``"deep"``) or 1 (``"flat"``).
+
+  Args:
+    learning_rate: scalar or Optax schedule.
+    mode: ``"finetune"`` or ``"scratch"``.
+    rollback: fine-tune mode's per-step fraction at the peak learning rate for
+      the shallowest layer (the reference pipeline uses 0.01).
+    weight_decay: scratch mode's per-step fraction at the peak learning rate
+      for the most decayed layer.
+    power: exponent of the depth profile (1 linear, 2 quadratic).
+    granularity: ``"block"`` (one depth per block, parsed from paths) or
+      ``"tensor"`` (one per tensor in definition order, as OLOR's code does).
+    order: glob patterns input to output, for models the depth rules don't fit.
+    stacked: glob patterns of stacked-layer subtrees (see ``layer_depths``).
+    head: the newly initialised parameters (pytree of bools, callable
+      ``params -> bools`` or glob patterns such as ``"head"``): no rollback or
+      decay, and not counted in the depth profile.
+    optimizer: ``"adam"`` or ``"sgd"`` (heavy-ball momentum, the 2023 OLOR SGD
+      form).
+    b1, b2, eps: Adam's parameters.
+    momentum: SGD's momentum.
+    anchor_dtype: store the anchor at this dtype (e.g. ``jnp.bfloat16``).
+    peak_learning_rate: the peak of a learning-rate schedule, to scale the
+      rollback/decay with it; needed when ``learning_rate`` is a schedule, and
+      under ``optax.inject_hyperparams`` when the rollback should follow an
+      injected learning rate.
+    decay_profile: scratch mode's direction, ``"shallow"``, ``"deep"`` or
+      ``"flat"``.
+    decay_follows_lr: scratch mode: whether the decay follows the lr schedule.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import dualopt_jax as dj
+    >>> params = {'Dense_0': {'kernel': jnp.ones((2, 2))}, 'head': {'kernel': jnp.ones((2, 1))}}
+    >>> tx = dj.dualopt(1e-3, rollback=0.01, head='head')
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+
+  References:
+    Ning, Li et al., "DualOpt: decoupled optimization for scratch and
+    fine-tuning", 2026; Huang, Li et al., "One Step Learning, One Step Review"
+    (OLOR), AAAI 2024.
+  """
+  _check_choice("mode", mode, MODES)
+  _check_choice("granularity", granularity, ("block", "tensor"))
+  base = _base_optimizer(optimizer, learning_rate, b1=b1, b2=b2, eps=eps, momentum=momentum)
+  order_t, stacked_t = as_tuple(order), as_tuple(stacked)
+  mask = _not_head(head)
+  if mode == "finetune":
+    _check_fraction("rollback", rollback)
+    profile = LayerProfile(1.0, 0.0, power, granularity, order_t, stacked_t)
+    rate = _following_lr(rollback, learning_rate, peak_learning_rate, name="rollback")
+    pull = rollback_to(rate=rate, layer_scale=profile, mask=mask, anchor_dtype=anchor_dtype)
+    kind, fraction = "rollback", rollback
+  else:
+    _check_fraction("weight_decay", weight_decay)
+    _check_choice("decay_profile", decay_profile, DECAY_PROFILES)
+    start, end = {"shallow": (1.0, 0.0), "deep": (0.0, 1.0), "flat": (1.0, 1.0)}[decay_profile]
+    profile = LayerProfile(start, end, power, granularity, order_t, stacked_t)
+    rate = (
+      _following_lr(weight_decay, learning_rate, peak_learning_rate, name="weight_decay")
+      if decay_follows_lr
+      else weight_decay
+    )
+    pull = layerwise_decay(rate=rate, layer_scale=profile, mask=mask)
+    kind, fraction = "decay", weight_decay
+  tx = optax.chain(base, pull)
+  _DESCRIPTIONS[tx.init] = _Description(kind, profile, _concrete_float(fraction), head)
+  return tx
+
+
+def olor(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  back_level_max: float = 1.0,
+  back_level_min: float = 0.0,
+  back_pow: float = 2.0,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  optimizer: Literal["adam", "sgd"] = "adam",
+  momentum: float = 0.9,
+  head: Any = None,
+  anchor_dtype: Any = None,
+) -> optax.GradientTransformation:
+  r"""OLOR with the authors' AdamB constructor semantics.
+
+  .. math::
+    \hat\theta_t = \theta_{t-1} - \eta_t \hat a_t, \quad
+    \theta_t = \hat\theta_t - \eta_t\kappa_i(\hat\theta_t - \theta_0), \quad
+    \kappa_i = \kappa_{min} + (1 - i/N)^{\gamma}(\kappa_{max} - \kappa_{min})
+
+  with one index :math:`i = 0..N` per parameter tensor in the order the model
+  defined them (kernel before bias), :math:`\theta_0` the params at ``init``.
+  The rollback is multiplied by the learning rate itself, so ``back_level_max``
+  is not a fraction: the reference pipeline uses ``0.01 / peak_lr`` with
+  ``back_pow=1``; the class defaults (1.0, 2.0) are 100x weaker at lr 1e-4.
+  ``optimizer="sgd"`` is the 2023 form: heavy-ball momentum
+  :math:`m \leftarrow 0.9m + g`, :math:`\hat\theta = \theta - \eta m`, same rollback.
+
+  Unlike the reference code, :math:`1 - i/N` is clamped at 0 (no negative or
+  complex :math:`\kappa` on the last tensor) and :math:`N = 0` is allowed.
+
+  Args:
+    learning_rate: scalar or Optax schedule :math:`\eta_t`.
+    back_level_max: :math:`\kappa_{max}`, for the first tensor.
+    back_level_min: :math:`\kappa_{min}`, for the last tensor.
+    back_pow: :math:`\gamma`.
+    b1, b2, eps: Adam's parameters.
+    optimizer: ``"adam"`` (AdamB) or ``"sgd"``.
+    momentum: SGD's momentum.
+    head: parameters excluded from the rollback (plain optimizer step).
+    anchor_dtype: store the anchor at this dtype.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dualopt_jax as dj
+    >>> tx = dj.olor(1e-4, back_level_max=0.01 / 1e-4, back_pow=1.0)
+    >>> state = tx.init({'w': jnp.ones(3), 'b': jnp.zeros(1)})
+
+  References:
+    Huang, Li et al., "One Step Learning, One Step Review", AAAI 2024.
+  """
+  base = _base_optimizer(optimizer, learning_rate, b1=b1, b2=b2, eps=eps, momentum=momentum)
+  profile = LayerProfile(back_level_max, back_level_min, back_pow, "tensor")
+  pull = rollback_to(
+    rate=learning_rate, layer_scale=profile, mask=_not_head(head), anchor_dtype=anchor_dtype
+  )
+  tx = optax.chain(base, pull)
+  lr0 = None if callable(learning_rate) else _concrete_float(learning_rate)
+  _DESCRIPTIONS[tx.init] = _Description("rollback", profile, lr0, head)
+  return tx
