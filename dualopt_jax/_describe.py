@@ -64,12 +64,7 @@ def describe(
   profile = description.profile if description else tx_or_profile
   if isinstance(profile, LayerProfile):
     table = profile.depth_table(body, at_init=True)
-    multipliers = {
-      _paths.path_str(p): _depths.depth_profile(
-        d, start=profile.start, end=profile.end, power=profile.power
-      )
-      for p, d in table.items()
-    }
+    multipliers = {_paths.path_str(p): profile.multiplier(d) for p, d in table.items()}
     depths = {_paths.path_str(p): d for p, d in table.items()}
   else:
     values = _paths.resolve_per_leaf(profile, params, name="layer_scale", at_init=True)

@@ -200,8 +200,9 @@ def dualopt(
   else:
     _check_fraction("weight_decay", weight_decay)
     _check_choice("decay_profile", decay_profile, DECAY_PROFILES)
-    start, end = {"shallow": (1.0, 0.0), "deep": (0.0, 1.0), "flat": (1.0, 1.0)}[decay_profile]
-    profile = LayerProfile(start, end, power, granularity, order_t, stacked_t)
+    end = 1.0 if decay_profile == "flat" else 0.0
+    flip = decay_profile == "deep"
+    profile = LayerProfile(1.0, end, power, granularity, order_t, stacked_t, flip)
     rate = (
       _following_lr(weight_decay, learning_rate, peak_learning_rate, name="weight_decay")
       if decay_follows_lr

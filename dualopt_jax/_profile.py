@@ -50,6 +50,8 @@ class LayerProfile:
     granularity: ``"block"`` or ``"tensor"`` (see ``layer_depths``).
     order: optional glob patterns, input to output (see ``layer_depths``).
     stacked: optional glob patterns naming stacked-layer subtrees.
+    flip: measure depth from the output side (``d -> 1 - d``), so ``start``
+      applies to the deepest layer.
   """
 
   start: float
@@ -58,6 +60,7 @@ class LayerProfile:
   granularity: str = "block"
   order: tuple[str, ...] | None = None
   stacked: tuple[str, ...] | str | None = None
+  flip: bool = False
 
   def __post_init__(self) -> None:
     if self.granularity not in _depths.GRANULARITIES:
@@ -89,12 +92,17 @@ class LayerProfile:
       _TABLES[key] = table
     return _TABLES[key]
 
+  def multiplier(self, depth: Any) -> Any:
+    """The profile's value at ``depth`` (a float, or an array for stacked leaves)."""
+    if self.flip:
+      depth = 1.0 - np.asarray(depth, np.float64)
+      depth = float(depth) if depth.ndim == 0 else depth
+    return _depths.depth_profile(depth, start=self.start, end=self.end, power=self.power)
+
   def per_leaf_values(self, tree: Any, *, at_init: bool = False) -> Any:
     table = self.depth_table(tree, at_init=at_init)
     return _paths.map_with_path(
-      lambda path, _x: _depths.depth_profile(
-        table[path], start=self.start, end=self.end, power=self.power
-      ),
+      lambda path, _x: self.multiplier(table[path]),
       tree,
     )
 
