@@ -1,0 +1,228 @@
+"""rollback_to / layerwise_decay: closed forms, invariants and bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from optax._src import base as optax_base
+
+import dualopt_jax as dj
+
+
+def _apply(tx, grads, params, state=None):
+  state = tx.init(params) if state is None else state
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
+def test_one_step_closed_form_with_layer_scale_tree_and_schedule() -> None:
+  params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([[3.0]])}
+  anchor = {"a": jnp.array([0.0, 0.0]), "b": jnp.array([[1.0]])}
+  updates = {"a": jnp.array([0.5, -0.5]), "b": jnp.array([[1.0]])}
+  schedule = lambda count: 0.1 * (count + 1)
+  tx = dj.rollback_to(anchor, rate=schedule, layer_scale={"a": 1.0, "b": 0.5})
+  state = tx.init(params)
+  for count in range(3):
+    new_updates, state = tx.update(updates, state, params)
+    got = optax.apply_updates(params, new_updates)
+    for key, scale in (("a", 1.0), ("b", 0.5)):
+      lam = 0.1 * (count + 1) * scale
+      post = np.asarray(params[key]) + np.asarray(updates[key])
+      want = post - lam * (post - np.asarray(anchor[key]))
+      np.testing.assert_allclose(got[key], want, rtol=1e-6)
+  assert int(state.count) == 3
+
+
+def test_layerwise_decay_shrinks_post_step_weights() -> None:
+  params = {"w": jnp.array([2.0, -4.0])}
+  updates = {"w": jnp.array([1.0, 1.0])}
+  got, _ = _apply(dj.layerwise_decay(rate=0.25), updates, params)
+  np.testing.assert_allclose(got["w"], 0.75 * np.array([3.0, -3.0]))
+
+
+def test_stacked_layer_scale_broadcasts_per_slice() -> None:
+  params = {"blocks": {"kernel": jnp.ones((3, 2, 2))}}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  scale = {"blocks": {"kernel": jnp.array([1.0, 0.5, 0.0]).reshape(3, 1, 1)}}
+  got, _ = _apply(dj.layerwise_decay(rate=0.2, layer_scale=scale), zero, params)
+  np.testing.assert_allclose(got["blocks"]["kernel"][:, 0, 0], [0.8, 0.9, 1.0], rtol=1e-6)
+
+
+def test_callable_layer_scale_receives_paths() -> None:
+  seen = []
+
+  def scale(path, leaf):
+    seen.append(path)
+    return 0.0 if path[-1] == "bias" else 1.0
+
+  params = {"Dense_0": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}}
+  got, _ = _apply(dj.layerwise_decay(rate=0.5, layer_scale=scale), jax.tree.map(
+    jnp.zeros_like, params), params)
+  assert ("Dense_0", "kernel") in seen
+  np.testing.assert_allclose(got["Dense_0"]["kernel"], 0.5)
+  np.testing.assert_allclose(got["Dense_0"]["bias"], 1.0)
+
+
+def test_glob_mask_skips_leaves_and_stores_no_anchor_for_them() -> None:
+  params = {"body": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
+  tx = dj.rollback_to(rate=0.5, mask="body")
+  state = tx.init(params)
+  assert isinstance(state.inner_state.anchor["head"]["w"], optax.MaskedNode)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 2.0), params)
+  got, _ = tx.update(grads, state, params)
+  np.testing.assert_allclose(got["head"]["w"], 2.0)  # untouched
+  np.testing.assert_allclose(got["body"]["w"], 2.0 - 0.5 * (1.0 + 2.0 - 1.0))
+
+
+def test_integer_leaves_pass_through() -> None:
+  params = {"w": jnp.ones(2), "step": jnp.array(3, jnp.int32)}
+  updates = {"w": jnp.ones(2), "step": jnp.array(1, jnp.int32)}
+  tx = dj.rollback_to(jax.tree.map(jnp.zeros_like, params), rate=0.5)
+  new, _ = tx.update(updates, tx.init(params), params)
+  assert new["step"].dtype == jnp.int32 and int(new["step"]) == 1
+
+
+def test_anchor_dtype_is_stored_lower_precision() -> None:
+  params = {"w": jnp.linspace(0, 1, 8, dtype=jnp.float32)}
+  state = dj.rollback_to(rate=0.1, anchor_dtype=jnp.bfloat16).init(params)
+  assert state.anchor["w"].dtype == jnp.bfloat16
+  assert state.anchor["w"].nbytes == params["w"].nbytes // 2
+
+
+def test_params0_is_copied_not_aliased() -> None:
+  params0 = {"w": jnp.ones(3)}
+  state = dj.rollback_to(params0, rate=0.1).init({"w": jnp.zeros(3)})
+  np.testing.assert_array_equal(state.anchor["w"], 1.0)
+
+
+@pytest.mark.parametrize(
+  ("params0", "match"),
+  [
+    ({"a": jnp.ones(3), "b": jnp.ones((2, 3))},
+     r"at 'b': params0 has shape \(2, 3\), params has shape \(2, 2\)"),
+    ({"a": jnp.ones(3)}, r"params has 'b' with shape \(2, 2\), params0 has no such path"),
+    ({"a": jnp.ones(3), "b": jnp.ones((2, 2)), "c": jnp.ones(1)},
+     r"params0 has 'c' with shape \(1,\), params has no such path"),
+    ({"a": jnp.ones(3), "b": jnp.ones((2, 2), jnp.bfloat16)},
+     r"at 'b': params0 has dtype bfloat16 \(shape \(2, 2\)\), params has dtype float32"),
+  ],
+)
+def test_mismatched_params0_names_the_path(params0, match) -> None:
+  params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+  with pytest.raises(ValueError, match=match):
+    dj.rollback_to(params0, rate=0.1).init(params)
+
+
+def test_update_without_params_raises_optax_error() -> None:
+  params = {"w": jnp.ones(2)}
+  for tx in (dj.rollback_to(rate=0.1), dj.layerwise_decay(rate=0.1)):
+    with pytest.raises(ValueError, match=optax_base.NO_PARAMS_MSG[:40]):
+      tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize("factory", [dj.rollback_to, dj.layerwise_decay])
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    ({"rate": 1.5}, r"rate must lie in \[0, 1\]"),
+    ({"rate": -0.1}, r"rate must lie in \[0, 1\]"),
+    ({"rate": 0.5, "layer_scale": 3.0}, r"rate \* layer_scale = 1.5 leaves \[0, 1\]"),
+  ],
+)
+def test_fraction_outside_unit_interval_is_rejected(factory, kwargs, match) -> None:
+  with pytest.raises(ValueError, match=match):
+    factory(**kwargs)
+
+
+def test_layer_scale_tree_out_of_range_names_the_path_at_init() -> None:
+  params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  tx = dj.rollback_to(rate=0.5, layer_scale={"a": 1.0, "b": 4.0})
+  with pytest.raises(ValueError, match="layer_scale for 'b'"):
+    tx.init(params)
+
+
+def test_layer_scale_that_does_not_broadcast_names_the_path() -> None:
+  params = {"blocks": {"kernel": jnp.ones((3, 2, 2))}}
+  tx = dj.layerwise_decay(rate=0.1, layer_scale={"blocks": {"kernel": jnp.ones(3)}})
+  with pytest.raises(ValueError, match=r"'blocks/kernel' has shape \(3,\).*\(3, 2, 2\)"):
+    tx.init(params)
+
+
+def test_layer_scale_tree_missing_a_path_names_it() -> None:
+  tx = dj.layerwise_decay(rate=0.1, layer_scale={"a": 1.0})
+  with pytest.raises(ValueError, match="no entry for parameter path 'b'"):
+    tx.init({"a": jnp.ones(1), "b": jnp.ones(1)})
+
+
+def test_nan_gradient_leaves_anchor_unchanged() -> None:
+  params = {"w": jnp.ones(3)}
+  tx = optax.chain(optax.adam(1e-2), dj.rollback_to(rate=0.1))
+  state = tx.init(params)
+  _, new_state = tx.update({"w": jnp.array([jnp.nan, 1.0, jnp.inf])}, state, params)
+  np.testing.assert_array_equal(new_state[1].anchor["w"], state[1].anchor["w"])
+
+
+# ---- properties over random trees, shapes and dtypes --------------------------------------
+
+_shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
+_dtypes = st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16])
+
+
+@st.composite
+def _trees(draw):
+  n = draw(st.integers(1, 4))
+  rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+  tree = {}
+  for i in range(n):
+    shape, dtype = draw(_shapes), draw(_dtypes)
+    tree[f"layers_{i}"] = {
+      "p": jnp.asarray(rng.normal(size=shape), dtype),
+      "u": jnp.asarray(rng.normal(size=shape), dtype),
+      "a": jnp.asarray(rng.normal(size=shape), dtype),
+    }
+  return tree
+
+
+def _split(tree, key):
+  return {k: v[key] for k, v in tree.items()}
+
+
+@settings(max_examples=25, deadline=None)
+@given(tree=_trees(), rate=st.floats(0.0, 1.0))
+def test_property_post_step_distance_shrinks_by_one_minus_lambda(tree, rate) -> None:
+  params, updates, anchor = _split(tree, "p"), _split(tree, "u"), _split(tree, "a")
+  tx = dj.rollback_to(anchor, rate=rate)
+  new_updates, state = tx.update(updates, tx.init(params), params)
+  for key in params:
+    u, p, a = (np.asarray(x[key], np.float64) for x in (new_updates, params, anchor))
+    assert new_updates[key].dtype == params[key].dtype  # dtype preserved
+    assert state.anchor[key].dtype == params[key].dtype
+    post = np.asarray(params[key], np.float64) + np.asarray(updates[key], np.float64)
+    want = (1 - rate) * (post - a)
+    tol = float(jnp.finfo(params[key].dtype).eps) * 8 * (1 + np.abs(post).max(initial=0)
+                                                         + np.abs(a).max(initial=0))
+    np.testing.assert_allclose(p + u - a, want, atol=tol)
+    np.testing.assert_array_equal(state.anchor[key], anchor[key])  # anchor never moves
+
+
+@settings(max_examples=25, deadline=None)
+@given(tree=_trees())
+def test_property_extremes_rate_zero_is_identity_and_one_returns_to_anchor(tree) -> None:
+  params, updates, anchor = _split(tree, "p"), _split(tree, "u"), _split(tree, "a")
+  same, _ = dj.rollback_to(anchor, rate=0.0).update(
+    updates, dj.rollback_to(anchor, rate=0.0).init(params), params)
+  for key in params:
+    np.testing.assert_array_equal(same[key], updates[key])
+  back = dj.rollback_to(anchor, rate=1.0)
+  new, _ = back.update(updates, back.init(params), params)
+  for key in params:
+    got = np.asarray(params[key], np.float64) + np.asarray(new[key], np.float64)
+    scale = 1 + np.abs(np.asarray(params[key], np.float64)).max(initial=0) + np.abs(
+      np.asarray(updates[key], np.float64)).max(initial=0)
+    np.testing.assert_allclose(got, np.asarray(anchor[key], np.float64),
+                               atol=float(jnp.finfo(params[key].dtype).eps) * 4 * scale)
