@@ -1,6 +1,7 @@
 """How far float32 `optax.adam` itself drifts from a float32 NumPy Adam over 300 noisy steps.
 
-Sets the float32 tolerance of tests/test_dualopt.py. Run: .venv/bin/python benchmarks/adam_float32_reference.py
+Sets the float32 tolerance of tests/test_dualopt.py.
+Run: .venv/bin/python benchmarks/adam_float32_reference.py
 """
 
 from __future__ import annotations

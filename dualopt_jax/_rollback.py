@@ -216,9 +216,8 @@ def rollback_to(
       anchor = _paths.map_with_path(
         lambda path, _x: _store_anchor(table.entries[path], anchor_dtype), params
       )
-    _check_scales_in_range(
-      _paths.resolve_per_leaf(layer_scale, params, name="layer_scale", at_init=True), rate, name="rollback_to"
-    )
+    scales = _paths.resolve_per_leaf(layer_scale, params, name="layer_scale", at_init=True)
+    _check_scales_in_range(scales, rate, name="rollback_to")
     return RollbackState(count=jnp.zeros([], jnp.int32), anchor=anchor)
 
   def update_fn(updates, state: RollbackState, params=None):
@@ -284,10 +283,8 @@ def layerwise_decay(
   check_fraction_range(rate, layer_scale, name="layerwise_decay")
 
   def init_fn(params: optax.Params) -> LayerwiseDecayState:
-    _check_scales_in_range(
-      _paths.resolve_per_leaf(layer_scale, params, name="layer_scale", at_init=True), rate,
-      name="layerwise_decay",
-    )
+    scales = _paths.resolve_per_leaf(layer_scale, params, name="layer_scale", at_init=True)
+    _check_scales_in_range(scales, rate, name="layerwise_decay")
     return LayerwiseDecayState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state: LayerwiseDecayState, params=None):

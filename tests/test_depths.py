@@ -1,4 +1,4 @@
-"""layer_depths / depth_profile on Linen, NNX, scanned and vmapped models, against hand-made tables."""
+"""layer_depths / depth_profile on Linen, NNX, scanned and vmapped models, against hand tables."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ def _run_optax(tx: optax.GradientTransformation, params: dict, noise: dict, step
 
   state = tx.init(params)
   for t in range(steps):
-    params, state = step(params, state, jax.tree.map(lambda n: n[t], noise))
+    params, state = step(params, state, jax.tree.map(lambda n, t=t: n[t], noise))
   return params
 
 
