@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dualopt_jax import _paths
@@ -165,6 +166,28 @@ def _tensor_depths(leaves: list[tuple[_paths.Path, Any]]) -> dict[_paths.Path, A
   return {path: i / denominator for i, (path, _) in enumerate(leaves)}
 
 
+_ROLE_RANK = {"embedding": 0, "kernel": 1, "weight": 1, "w": 1, "scale": 2, "bias": 3, "b": 3}
+
+
+def _semantic_order(
+  leaves: list[tuple[_paths.Path, Any]], stacked: _paths.PathFilter | None
+) -> list[tuple[_paths.Path, Any]]:
+  """Tensors ordered by block depth, then module path, then role (kernel/scale before bias).
+
+  Reproduces Linen's creation order for standard layers from a key-sorted tree
+  (what ``jax.jit``/``jax.eval_shape`` and ``nnx.state`` hand over).
+  """
+  block = _block_depths(leaves, stacked)
+
+  def key(item: tuple[_paths.Path, Any]) -> tuple:
+    path, _ = item
+    depth = float(np.min(block[path]))
+    module = tuple(str(k) for k in path[:-1])
+    return depth, module, _ROLE_RANK.get(str(path[-1]), 2), str(path[-1])
+
+  return sorted(leaves, key=key)
+
+
 def _order_depths(
   leaves: list[tuple[_paths.Path, Any]], order: Sequence[str]
 ) -> dict[_paths.Path, Any]:
@@ -188,27 +211,51 @@ def depth_table(
   granularity: Granularity = "block",
   order: Sequence[str] | None = None,
   stacked: str | Sequence[str] | None = None,
+  trust_order: bool | None = None,
 ) -> dict[_paths.Path, Any]:
-  """Depth per normalized path (floats, or arrays for stacked leaves), from ``params``'s order."""
+  """Depth per normalized path (floats, or arrays for stacked leaves).
+
+  ``trust_order=False`` says ``params``'s key order is not the model's
+  definition order (a key-sorted tree, as ``nnx.state`` always is; the
+  default for trees of NNX ``Variable``s): tensors are then ordered by
+  :func:`_semantic_order`, and depths that would change with the key order
+  raise instead of being guessed.
+  """
+  if trust_order is None:
+    trust_order = not _paths.has_variables(params)
+  table = _depth_table(params, granularity, order, stacked, trust_order)
+  if not trust_order and order is None:
+    reordered = _depth_table(
+      _paths.reversed_key_order(params), granularity, order, stacked, trust_order
+    )
+    if table.keys() != reordered.keys() or any(
+      not np.array_equal(table[k], reordered[k]) for k in table
+    ):
+      raise ValueError(
+        "layer_depths: these depths depend on the model's definition order, which this "
+        "key-sorted tree (nnx.state, or a tree rebuilt by jax.tree/jax.jit) does not carry, "
+        f"e.g. at '{_paths.path_str(next(iter(table)))}'. Pass order=[pattern, ...] (input to "
+        "output), or the params as the model created them (Linen's model.init output)."
+      )
+  return table
+
+
+def _depth_table(
+  params: Any,
+  granularity: str,
+  order: Sequence[str] | None,
+  stacked: str | Sequence[str] | None,
+  trust_order: bool,
+) -> dict[_paths.Path, Any]:
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
   leaves = _paths.definition_order(params)
   if order is not None:
     return _order_depths(leaves, order)
-  if granularity == "tensor":
-    return _tensor_depths(leaves)
   stacked_filter = None if stacked is None else _paths.path_filter(stacked)
+  if granularity == "tensor":
+    return _tensor_depths(leaves if trust_order else _semantic_order(leaves, stacked_filter))
   return _block_depths(leaves, stacked_filter)
-
-
-def order_sensitive(table: dict[_paths.Path, Any], params: Any, **kwargs: Any) -> bool:
-  """Whether ``params`` in sorted-key order would get different depths than ``table``."""
-  sorted_tree = jax.tree.map(lambda x: x, params)
-  try:
-    other = depth_table(sorted_tree, **kwargs)
-  except ValueError:
-    return True
-  return any(not np.array_equal(other[p], v) for p, v in table.items())
 
 
 def layer_depths(
@@ -226,7 +273,9 @@ def layer_depths(
     model defined its parameters (OLOR's reference behaviour: Linen's insertion
     order, kernel before bias -- not ``jax.tree``'s sorted order). Pass the
     params as the model created them (e.g. ``model.init(...)``), not a tree
-    rebuilt by ``jax.tree``, which sorts dict keys.
+    rebuilt by ``jax.tree``, which sorts dict keys. (``nnx.state`` is always
+    key-sorted: optimizers then order tensors by block, module, and
+    kernel/scale before bias; see :class:`~dualopt_jax.LayerProfile`.)
   * ``granularity="block"``: leaves of one block share a depth. Blocks are
     numbered path components (``Block_3``, ``layers_3``, ``layers/3``,
     ``h/3``; numbers compared as numbers); embeddings come first, the head and
@@ -289,7 +338,12 @@ def depth_profile(depths: Any, *, start: float, end: float, power: float = 1.0) 
     {'a': 1.0, 'b': 0.25, 'c': 0.0}
   """
 
+  traced = any(isinstance(v, jax.Array) for v in (start, end, power))  # inject_hyperparams
+
   def one(d: Any) -> Any:
+    if traced:
+      remaining = jnp.clip(1.0 - jnp.asarray(d, jnp.float32), 0.0, None)
+      return end + remaining**power * (start - end)
     remaining = np.clip(1.0 - np.asarray(d, np.float64), 0.0, None)
     value = end + remaining**power * (start - end)
     return float(value) if np.ndim(value) == 0 else value.astype(np.float32)

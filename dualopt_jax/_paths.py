@@ -114,6 +114,35 @@ def definition_order(tree: Any) -> list[tuple[Path, Any]]:
   return out
 
 
+def has_variables(tree: Any) -> bool:
+  """Whether ``tree`` holds NNX ``Variable``s (``nnx.state`` output, always key-sorted)."""
+  return any(_is_variable(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_variable))
+
+
+def has_abstract_leaves(tree: Any) -> bool:
+  """Tracers or ``ShapeDtypeStruct``s: ``init`` under ``jax.jit``/``jax.eval_shape``."""
+  return any(
+    isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct))
+    for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_variable)
+    if not _is_variable(x)
+  ) or any(
+    isinstance(x.get_value(), (jax.core.Tracer, jax.ShapeDtypeStruct))
+    for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_variable)
+    if _is_variable(x)
+  )
+
+
+def reversed_key_order(tree: Any) -> Any:
+  """The same leaves with every mapping's keys in reverse insertion order (plain containers)."""
+  if _is_variable(tree):
+    return tree
+  if isinstance(tree, Mapping) or (hasattr(tree, "items") and callable(tree.items)):
+    return {k: reversed_key_order(v) for k, v in reversed(list(tree.items()))}
+  if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+    return [reversed_key_order(v) for v in tree]
+  return tree
+
+
 def is_float_leaf(x: Any) -> bool:
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
 

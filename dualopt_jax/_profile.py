@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,15 +24,6 @@ def _signature(tree: Any) -> tuple:
       if not _paths.is_masked_node(x)
     )
   )
-
-
-def _reversed_order(tree: Any) -> Any:
-  """The same leaves with every mapping's keys in reverse insertion order."""
-  if isinstance(tree, Mapping) or (hasattr(tree, "items") and callable(tree.items)):
-    return {k: _reversed_order(v) for k, v in reversed(list(tree.items()))}
-  if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-    return [_reversed_order(v) for v in tree]
-  return tree
 
 
 @dataclass(frozen=True)
@@ -76,20 +67,33 @@ class LayerProfile:
     return {"granularity": self.granularity, "order": self.order, "stacked": self.stacked}
 
   def depth_table(self, tree: Any, *, at_init: bool) -> dict[_paths.Path, Any]:
-    key = (self, _signature(tree))
-    if at_init or key not in _TABLES:
-      table = _depths.depth_table(tree, **self._depth_kwargs())
-      reordered = None if at_init else _depths.depth_table(
-        _reversed_order(tree), **self._depth_kwargs()
+    """Depths of ``tree``'s leaves, from the model's definition order where it is known.
+
+    Only an eager ``init`` on concrete Linen/dict params sees the definition
+    order (dicts keep insertion order). ``jax.jit``/``jax.eval_shape`` hand
+    ``init`` a key-sorted tree, ``update`` always gets one, and ``nnx.state``
+    is sorted: those reuse the table cached from the eager ``init`` (keyed by
+    the depth settings and the leaves' paths and shapes). Without one, depths
+    that do not depend on key order are computed (NNX trees order tensors by
+    block, module, then kernel/scale before bias); anything else raises.
+    """
+    key = (self.granularity, self.order, self.stacked, _signature(tree))
+    kwargs = {"granularity": self.granularity, "order": self.order, "stacked": self.stacked}
+    trusted = not _paths.has_variables(tree) and not _paths.has_abstract_leaves(tree)
+    if at_init and trusted:
+      _TABLES[key] = _depths.depth_table(tree, trust_order=True, **kwargs)
+      return _TABLES[key]
+    if key in _TABLES:
+      return _TABLES[key]
+    if self.granularity == "tensor" and self.order is None and not _paths.has_variables(tree):
+      raise ValueError(
+        "LayerProfile(granularity='tensor') needs the model's definition order, and this tree's "
+        "key order is not it (jax.jit and jax.eval_shape hand tx.init a key-sorted tree; update "
+        "always gets one). Call tx.init(params) or dj.describe(params, tx) once, un-jitted, with "
+        "the params as the model created them (e.g. model.init(...)['params']), or pass "
+        "order=[...] patterns."
       )
-      if reordered is not None and not _same_table(table, reordered):
-        raise ValueError(
-          f"LayerProfile(granularity={self.granularity!r}) needs the model's definition order, "
-          "which update's (key-sorted) tree has lost: call tx.init (or "
-          "jax.eval_shape(tx.init, params)) with the params as the model created them before "
-          "update, or pass order=[...] patterns."
-        )
-      _TABLES[key] = table
+    _TABLES[key] = _depths.depth_table(tree, trust_order=False, **kwargs)
     return _TABLES[key]
 
   def multiplier(self, depth: Any) -> Any:
@@ -105,10 +109,6 @@ class LayerProfile:
       lambda path, _x: self.multiplier(table[path]),
       tree,
     )
-
-
-def _same_table(a: dict, b: dict) -> bool:
-  return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def as_tuple(patterns: str | Sequence[str] | None) -> tuple[str, ...] | str | None:
