@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check dualopt_jax tests examples benchmarks
-	$(PY) -m pytest -n 2 -q $(ARGS)
+	$(PY) -m pytest -n 2 -q --doctest-modules dualopt_jax tests $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py

@@ -32,6 +32,7 @@ class _Description:
   profile: LayerProfile
   peak_fraction: float | None  # per-step fraction at peak lr for multiplier 1
   head: Any
+  rate: optax.ScalarOrSchedule | None = None  # the rate given to rollback_to/layerwise_decay
 
 
 _DESCRIPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -196,7 +197,7 @@ def dualopt(
     profile = LayerProfile(1.0, 0.0, power, granularity, order_t, stacked_t)
     rate = _following_lr(rollback, learning_rate, peak_learning_rate, name="rollback")
     pull = rollback_to(rate=rate, layer_scale=profile, mask=mask, anchor_dtype=anchor_dtype)
-    kind, fraction = "rollback", rollback
+    kind, fraction, pull_rate = "rollback", rollback, rate
   else:
     _check_fraction("weight_decay", weight_decay)
     _check_choice("decay_profile", decay_profile, DECAY_PROFILES)
@@ -209,9 +210,11 @@ def dualopt(
       else weight_decay
     )
     pull = layerwise_decay(rate=rate, layer_scale=profile, mask=mask)
-    kind, fraction = "decay", weight_decay
+    kind, fraction, pull_rate = "decay", weight_decay, rate
   tx = optax.chain(base, pull)
-  _DESCRIPTIONS[tx.init] = _Description(kind, profile, _concrete_float(fraction), head)
+  _DESCRIPTIONS[tx.init] = _Description(
+    kind, profile, _concrete_float(fraction), head, pull_rate
+  )
   return tx
 
 
@@ -277,5 +280,5 @@ def olor(
   )
   tx = optax.chain(base, pull)
   lr0 = None if callable(learning_rate) else _concrete_float(learning_rate)
-  _DESCRIPTIONS[tx.init] = _Description("rollback", profile, lr0, head)
+  _DESCRIPTIONS[tx.init] = _Description("rollback", profile, lr0, head, learning_rate)
   return tx

@@ -1,0 +1,243 @@
+"""Drift diagnostics: how far each layer has moved from the anchor, ready to log."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from dualopt_jax import _depths, _paths, _projection
+
+_PER = ("tensor", "block")
+
+
+def _walk_states(state: Any):
+  """Yields every NamedTuple in an optimizer state (chain tuples, masked/inject wrappers)."""
+  if isinstance(state, tuple) and hasattr(state, "_fields"):
+    yield state
+    for field in state:
+      yield from _walk_states(field)
+  elif isinstance(state, (tuple, list)):
+    for item in state:
+      yield from _walk_states(item)
+  elif isinstance(state, dict):
+    for item in state.values():
+      yield from _walk_states(item)
+  elif hasattr(state, "inner_state"):  # e.g. non-tuple wrappers
+    yield from _walk_states(state.inner_state)
+
+
+def anchor_from_state(opt_state: Any) -> Any:
+  """The anchor kept by the first anchored transformation in ``opt_state``.
+
+  Looks for a state with an ``anchor`` field (``rollback_to``, ``dualopt``'s
+  fine-tune mode, ``spd``, ``add_l2sp_gradient``/``decay_to_anchor``,
+  ``project_to_anchor``). Raises ``ValueError`` when there is none.
+  """
+  for s in _walk_states(opt_state):
+    if "anchor" in s._fields and "count" in s._fields:
+      return s.anchor
+  raise ValueError(
+    "drift: params0 is None and opt_state holds no anchor (no rollback_to / dualopt "
+    "fine-tune / spd / l2sp / project_to_anchor state); pass params0."
+  )
+
+
+def count_from_state(opt_state: Any) -> Any:
+  """The step count of the first rollback/decay state in ``opt_state`` (else the first count)."""
+  first = None
+  for s in _walk_states(opt_state):
+    if "count" not in s._fields:
+      continue
+    if type(s).__name__ in ("RollbackState", "LayerwiseDecayState"):
+      return s.count
+    if first is None:
+      first = s.count
+  if first is None:
+    raise ValueError("drift: opt_state holds no step count.")
+  return first
+
+
+def _block_groups(
+  params: Any, per: Any, granularity_kwargs: dict[str, Any]
+) -> dict[_paths.Path, tuple[str, Any]]:
+  """Maps each path to ``(group name, depth rank or array of ranks)``."""
+  if callable(per):
+    return {p: (str(per(p)), None) for p, x in _paths.leaves_with_paths(params)}
+  table = _depths.depth_table(params, granularity="block", **granularity_kwargs)
+  by_level: dict[Any, list[_paths.Path]] = {}
+  for path, d in table.items():
+    key = float(d) if np.ndim(d) == 0 else ("stacked", tuple(np.ravel(d).tolist()))
+    by_level.setdefault(key, []).append(path)
+  out = {}
+  scalar_levels = sorted(k for k in by_level if isinstance(k, float))
+  for level, members in by_level.items():
+    prefix = _common_prefix(members)
+    if isinstance(level, float):
+      rank = scalar_levels.index(level)
+      name = _paths.path_str(prefix) if prefix else f"level_{rank:02d}"
+    else:
+      name = _paths.path_str(prefix) if prefix else "stacked"
+    for m in members:
+      out[m] = (name, level)
+  return out
+
+
+def _common_prefix(paths: list[_paths.Path]) -> _paths.Path:
+  if len(paths) == 1:
+    return paths[0][:-1] if len(paths[0]) > 1 else paths[0]
+  prefix = paths[0]
+  for p in paths[1:]:
+    n = 0
+    while n < min(len(prefix), len(p)) and prefix[n] == p[n]:
+      n += 1
+    prefix = prefix[:n]
+  if prefix and prefix[0] == "params" and len(prefix) == 1:
+    return ()
+  return prefix
+
+
+def drift(
+  params: Any,
+  params0: Any = None,
+  *,
+  per: str | Callable[[_paths.Path], str] = "tensor",
+  opt_state: Any = None,
+  tx: Any = None,
+  stacked: Any = None,
+  order: Sequence[str] | None = None,
+  eps: float = 1e-12,
+) -> dict[str, Any]:
+  r"""Per-layer relative drift :math:`\lVert\theta - \theta_0\rVert / \lVert\theta_0\rVert`.
+
+  Jittable (all grouping is done on paths, at trace time). Returns a flat
+  ``dict`` of ``float32`` arrays keyed ``"drift/<name>"``, ready for a
+  logger (``{k: float(v) for k, v in out.items()}`` for scalars).
+
+  * ``per="tensor"``: one entry per parameter, named by its path; a leaf
+    marked ``stacked`` gets a vector with one value per layer.
+  * ``per="block"``: leaves of one block (as ``layer_depths(granularity=
+    "block")`` groups them) are pooled, :math:`\sqrt{\sum\lVert\theta -
+    \theta_0\rVert^2} / \sqrt{\sum\lVert\theta_0\rVert^2}`; the name is the
+    block's common path prefix. Stacked layers (detected as in
+    ``layer_depths``) give a vector, one value per layer.
+  * ``per=callable(path) -> name``: pool by your own grouping.
+
+  With ``tx`` a :func:`~dualopt_jax.dualopt` / ``olor`` transformation and
+  ``opt_state`` its state, also returns ``"strength/<name>"``: the current
+  per-step rollback (fine-tune) or decay (scratch) fraction of each
+  parameter, its multiplier times ``rate(count)`` (the head gets 0).
+
+  Args:
+    params: the current parameters (any wrapping).
+    params0: the anchor; ``None`` takes it from ``opt_state`` (the first
+      state holding an ``anchor``); leaves with no anchor there (a masked-out
+      head, a zero anchor) are left out.
+    per: ``"tensor"``, ``"block"`` or a grouping callable.
+    opt_state: the optimizer state (for the anchor and the step count).
+    tx: the transformation, to report its strength.
+    stacked: leaves stacking layers on axis 0 for ``per="tensor"`` (``None``,
+      ``"auto"``, ``True``, glob patterns, callable or pytree of bools); for
+      ``per="block"`` glob patterns as in ``layer_depths`` (``None`` or
+      ``"auto"``: its automatic detection).
+    order: glob patterns input to output, for ``per="block"`` models the
+      depth rules don't fit (see ``layer_depths``).
+    eps: added to the denominator (a zero anchor tensor gives
+      :math:`\lVert\theta\rVert / \epsilon`).
+
+  Returns:
+    ``dict[str, jax.Array]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from dualopt_jax._drift import drift
+    >>> p0 = {'w': jnp.array([3.0, 4.0])}
+    >>> drift({'w': jnp.array([3.0, 4.5])}, p0)
+    {'drift/w': Array(0.1, dtype=float32)}
+  """
+  if not callable(per) and per not in _PER:
+    raise ValueError(f"drift: per must be one of {_PER} or a callable, got {per!r}.")
+  from_state = params0 is None
+  if from_state:
+    if opt_state is None:
+      raise ValueError("drift: pass params0, or an opt_state that holds the anchor.")
+    params0 = anchor_from_state(opt_state)
+  anchor = _paths.PathTable(params0, name="params0")
+  leaves = [
+    (p, x) for p, x in _paths.leaves_with_paths(params)
+    if not _paths.is_masked_node(x) and _paths.is_float_leaf(x)
+  ]
+  if from_state:  # leaves the transformation keeps no anchor for (a head, a zero anchor)
+    leaves = [(p, x) for p, x in leaves if p in anchor.entries]
+  if not leaves:
+    raise ValueError("drift: no float leaf of params has an anchor.")
+  for path, _ in leaves:
+    if path not in anchor.entries:
+      anchor.get(path)  # raises, naming the path
+
+  def sq(path, x, st):
+    a = anchor.entries[path]
+    xf = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
+    axes = _projection.reduce_axes(np.ndim(x), stacked=st, per="tensor")
+    af = jnp.asarray(a, xf.dtype)
+    return jnp.sum(jnp.square(xf - af), axis=axes), jnp.sum(jnp.square(af), axis=axes)
+
+  out: dict[str, Any] = {}
+  if per == "tensor":
+    flags = dict(
+      _paths.leaves_with_paths(_projection.stacked_flags(stacked, params))
+    )
+    for path, x in leaves:
+      num, den = sq(path, x, bool(flags[path]))
+      out["drift/" + _paths.path_str(path)] = jnp.sqrt(num) / (jnp.sqrt(den) + eps)
+  else:
+    auto = stacked is None or isinstance(stacked, bool) or stacked == "auto"
+    kwargs = {"order": order, "stacked": None if auto else stacked}
+    groups = _block_groups(params, per, kwargs)
+    pooled: dict[str, list[Any]] = {}
+    for path, x in leaves:
+      name, level = groups[path]
+      is_stacked = isinstance(level, tuple)
+      num, den = sq(path, x, is_stacked)
+      acc = pooled.setdefault(name, [0.0, 0.0])
+      acc[0] = acc[0] + num
+      acc[1] = acc[1] + den
+    for name, (num, den) in pooled.items():
+      out["drift/" + name] = jnp.sqrt(num) / (jnp.sqrt(den) + eps)
+
+  if tx is not None:
+    out.update(_strengths(params, tx, opt_state))
+  return out
+
+
+def _strengths(params: Any, tx: Any, opt_state: Any) -> dict[str, Any]:
+  from dualopt_jax import _describe, _dualopt
+
+  description = _dualopt.registered_description(tx)
+  if description is None:
+    raise ValueError(
+      "drift: tx is not a transformation built by dualopt()/olor(), so its strength is not "
+      "known; leave tx out."
+    )
+  rows = _describe.describe(params, tx, print_fn=None)
+  rate = getattr(description, "rate", None)
+  out = {}
+  for row in rows:
+    if rate is not None and row["multiplier"] is not None:
+      if callable(rate):
+        if opt_state is None:
+          raise ValueError("drift: pass opt_state with tx to evaluate the rate schedule.")
+        current = rate(count_from_state(opt_state))
+      else:
+        current = rate
+      value = jnp.asarray(row["multiplier"], jnp.float32) * jnp.asarray(current, jnp.float32)
+      key = "strength/"
+    elif row["fraction"] is not None:
+      value = jnp.asarray(row["fraction"], jnp.float32)
+      key = "strength_at_peak/"
+    else:
+      continue
+    out[key + row["path"]] = jnp.ravel(value) if value.ndim else value
+  return out

@@ -1,0 +1,237 @@
+"""L2-SP: an L2 penalty toward the starting point (pre-trained weights), coupled or decoupled."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax._src import base as optax_base
+
+from dualopt_jax import _paths, _projection, _rollback
+
+ScalarOrSchedule = optax.ScalarOrSchedule
+
+
+class L2SPState(NamedTuple):
+  """State of :func:`add_l2sp_gradient` and :func:`decay_to_anchor`."""
+
+  count: chex.Array  # int32 scalar: the step at which alpha/beta schedules are evaluated.
+  anchor: optax.Params  # the anchor; MaskedNode for head leaves (decayed toward 0).
+
+
+def _l2sp_term(
+  alpha: ScalarOrSchedule,
+  beta: ScalarOrSchedule,
+  *,
+  params0: optax.Params | None,
+  head: Any,
+  mask: Any,
+  anchor_dtype: Any,
+  name: str,
+) -> optax.GradientTransformation:
+  for label, value in (("alpha", alpha), ("beta", beta)):
+    if not callable(value):
+      v = _rollback._concrete_float(value)
+      if v is not None and np.any(v < 0):
+        raise ValueError(f"{name}: {label} must be >= 0, got {value!r}.")
+  head_fn = None if head is None else _projection.named_mask(head, f"{name}: head")
+
+  def head_flags(params: Any) -> Any:
+    if head_fn is None:
+      return _paths.map_with_path(lambda _p, _x: False, params)
+    return head_fn(params)
+
+  def init_fn(params: optax.Params) -> L2SPState:
+    if params0 is not None:
+      table = _rollback.check_anchor_matches(params0, params)
+      source = lambda path, x: table.entries[path]
+    else:
+      source = lambda _path, x: x
+
+    def store(path, x, is_head):
+      if is_head or not _paths.is_float_leaf(x):
+        return optax.MaskedNode()
+      return _rollback._store_anchor(source(path, x), anchor_dtype)
+
+    anchor = _paths.map_with_path(store, params, head_flags(params))
+    return L2SPState(count=jnp.zeros([], jnp.int32), anchor=anchor)
+
+  def update_fn(updates, state: L2SPState, params=None):
+    if params is None:
+      raise ValueError(optax_base.NO_PARAMS_MSG)
+    a_t = _projection.value_at(alpha, state.count)
+    b_t = _projection.value_at(beta, state.count)
+
+    def leaf(_path, u, p, a, is_head):
+      if not _paths.is_float_leaf(u):
+        return u
+      compute = jnp.promote_types(u.dtype, jnp.float32)
+      pf = p.astype(compute)
+      if is_head:
+        term = jnp.asarray(b_t, compute) * pf
+      else:
+        term = jnp.asarray(a_t, compute) * (pf - a.astype(compute))
+      return (u.astype(compute) + term).astype(u.dtype)
+
+    new_updates = _paths.map_with_path(leaf, updates, params, state.anchor, head_flags(params))
+    return new_updates, L2SPState(optax.safe_increment(state.count), state.anchor)
+
+  return _rollback._masked(optax.GradientTransformation(init_fn, update_fn), mask)
+
+
+_ARGS_DOC = """
+  Args:
+    alpha: :math:`\\alpha \\ge 0`, strength toward the anchor (scalar or
+      Optax schedule of the step count).
+    beta: :math:`\\beta \\ge 0`, strength toward 0 for the ``head`` leaves.
+    params0: the anchor; ``None`` uses (a copy of) the params given to
+      ``init``. Kept in the optimizer state, never in a closure.
+    head: which leaves are the new head, decayed toward 0 with ``beta``
+      instead of toward the anchor (pytree of bools, callable, or glob
+      patterns such as ``'head'``); they store no anchor.
+    mask: which leaves get any penalty at all (pytree of bools, callable or
+      glob patterns); others pass through unchanged and store nothing.
+    anchor_dtype: store the anchor at this dtype (e.g. ``jnp.bfloat16``).
+"""
+
+
+def add_l2sp_gradient(
+  alpha: ScalarOrSchedule,
+  beta: ScalarOrSchedule = 0.0,
+  *,
+  params0: optax.Params | None = None,
+  head: Any = None,
+  mask: Any = None,
+  anchor_dtype: Any = None,
+) -> optax.GradientTransformation:
+  return _l2sp_term(
+    alpha, beta, params0=params0, head=head, mask=mask, anchor_dtype=anchor_dtype,
+    name="add_l2sp_gradient",
+  )
+
+
+add_l2sp_gradient.__doc__ = r"""Coupled L2-SP: adds the penalty's gradient to the raw gradient.
+
+  Place it *before* the preconditioner (first in the chain), where it acts
+  exactly like the loss term
+
+  .. math::
+
+    \frac{\alpha}{2}\lVert\theta_S - \theta_{0,S}\rVert^2
+    + \frac{\beta}{2}\lVert\theta_{\mathrm{head}}\rVert^2, \qquad
+    g \leftarrow g + \alpha(\theta - \theta_0) \;\; (\text{head: } g + \beta\theta),
+
+  so under Adam it is divided by :math:`\sqrt{\hat v}` like the rest of the
+  gradient ("coupled"). Unlike a loss term it needs no change to the model's
+  loss and keeps the anchor in the optimizer state.
+""" + _ARGS_DOC + r"""
+  Returns:
+    An ``optax.GradientTransformation`` with :class:`L2SPState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from dualopt_jax._l2sp import add_l2sp_gradient
+    >>> tx = optax.chain(add_l2sp_gradient(0.01, 0.01, head='head'), optax.adam(1e-4))
+    >>> params = {'body': jnp.ones(3), 'head': jnp.ones(2)}
+    >>> state = tx.init(params)
+
+  References:
+    Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning
+    with Convolutional Networks", ICML 2018.
+"""
+
+
+def decay_to_anchor(
+  alpha: ScalarOrSchedule,
+  beta: ScalarOrSchedule = 0.0,
+  *,
+  params0: optax.Params | None = None,
+  head: Any = None,
+  mask: Any = None,
+  anchor_dtype: Any = None,
+) -> optax.GradientTransformation:
+  return _l2sp_term(
+    alpha, beta, params0=params0, head=head, mask=mask, anchor_dtype=anchor_dtype,
+    name="decay_to_anchor",
+  )
+
+
+decay_to_anchor.__doc__ = r"""Decoupled L2-SP: decay toward the anchor, as AdamW's decay toward 0.
+
+  Adds :math:`\alpha(\theta - \theta_0)` (head leaves: :math:`\beta\theta`)
+  to the *preconditioned* update. Place it between the preconditioner and
+  the learning-rate scaling, exactly where ``optax.add_decayed_weights`` goes
+  in ``optax.adamw``::
+
+    optax.chain(optax.scale_by_adam(), decay_to_anchor(alpha),
+                optax.scale_by_learning_rate(lr))
+
+  The step is then :math:`-\eta_t(\hat a + \alpha(\theta - \theta_0))`: the
+  decay is multiplied by the learning rate (and follows its schedule), as in
+  AdamW. The sign convention is Optax's (the update is a descent direction
+  *before* ``scale_by_learning_rate`` negates it), so do not place it after
+  the learning-rate scaling; for a pull applied to the post-step weights and
+  not scaled by the lr use ``rollback_to``.
+""" + _ARGS_DOC + r"""
+  Returns:
+    An ``optax.GradientTransformation`` with :class:`L2SPState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from dualopt_jax._l2sp import decay_to_anchor
+    >>> tx = optax.chain(optax.scale_by_adam(), decay_to_anchor(0.1),
+    ...                  optax.scale_by_learning_rate(1e-4))
+    >>> state = tx.init({'w': jnp.ones(3)})
+
+  References:
+    Li, Grandvalet, Davoine, ICML 2018 (the penalty); Loshchilov, Hutter,
+    "Decoupled Weight Decay Regularization", ICLR 2019 (the decoupling).
+"""
+
+
+def l2sp(
+  learning_rate: ScalarOrSchedule,
+  *,
+  alpha: ScalarOrSchedule,
+  beta: ScalarOrSchedule = 0.0,
+  coupled: bool = True,
+  params0: optax.Params | None = None,
+  head: Any = None,
+  mask: Any = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  anchor_dtype: Any = None,
+) -> optax.GradientTransformation:
+  r"""Adam with L2-SP, coupled (as the loss term would be) or decoupled (AdamW-style).
+
+  ``coupled=True``: ``chain(add_l2sp_gradient(...), scale_by_adam, scale_by_learning_rate)``.
+  ``coupled=False``: ``chain(scale_by_adam, decay_to_anchor(...), scale_by_learning_rate)``.
+
+  Args:
+    learning_rate: scalar or Optax schedule.
+    alpha, beta, params0, head, mask, anchor_dtype: see :func:`add_l2sp_gradient`.
+    coupled: where the penalty enters (see above).
+    b1, b2, eps: Adam's hyper-parameters.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from dualopt_jax._l2sp import l2sp
+    >>> tx = l2sp(1e-4, alpha=0.01, beta=0.01, head='head', coupled=False)
+    >>> state = tx.init({'body': jnp.ones(3), 'head': jnp.ones(2)})
+
+  References:
+    Li, Grandvalet, Davoine, ICML 2018.
+  """
+  kwargs = dict(params0=params0, head=head, mask=mask, anchor_dtype=anchor_dtype)
+  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  lr = optax.scale_by_learning_rate(learning_rate)
+  if coupled:
+    return optax.chain(add_l2sp_gradient(alpha, beta, **kwargs), adam, lr)
+  return optax.chain(adam, decay_to_anchor(alpha, beta, **kwargs), lr)

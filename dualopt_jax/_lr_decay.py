@@ -1,0 +1,240 @@
+"""Layer-wise learning-rate decay (ELECTRA / BEiT / MAE) as an Optax scale transformation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dualopt_jax import _depths, _paths, _projection, _rollback
+
+ScalarOrSchedule = optax.ScalarOrSchedule
+
+
+class LayerwiseLRDecayState(NamedTuple):
+  """State of :func:`layerwise_lr_decay`."""
+
+  count: chex.Array  # int32 scalar: the step at which a decay schedule is evaluated.
+  exponent: optax.Params  # per leaf L + 1 - depth (float32; (L, 1, ..) for stacked leaves).
+
+
+def lr_decay_exponents(
+  params: Any,
+  *,
+  depths: Any = None,
+  num_layers: int | None = None,
+  granularity: str = "block",
+  order: Sequence[str] | None = None,
+  stacked: str | Sequence[str] | None = None,
+) -> Any:
+  r"""Per-leaf exponents :math:`L + 1 - \mathrm{depth}` of the layer-wise lr decay.
+
+  With ``depths=None`` the depths come from
+  :func:`~dualopt_jax.layer_depths` (``granularity``, ``order``, ``stacked``
+  as there; pass ``params`` as the model created them, definition order).
+  Without ``num_layers`` a leaf's exponent is the number of distinct depth
+  levels above it: embeddings :math:`L + 1`, block :math:`i` (from 0)
+  :math:`L - i`, head and final norm 0 -- BEiT's ``layer_id`` convention
+  (embeddings 0, block ``i`` at ``i + 1``, the rest at ``L + 1``). With
+  ``num_layers`` (:math:`L`) the exponent is :math:`(L + 1)(1 - d)` for depth
+  :math:`d \in [0, 1]`, which also allows depths that are not on a grid.
+
+  Returns:
+    A pytree like ``params`` of float32 arrays (shape ``()`` or, for stacked
+    leaves, ``(L, 1, ..., 1)``).
+  """
+  if depths is None:
+    table = _depths.depth_table(params, granularity=granularity, order=order, stacked=stacked)
+    depth_tree = _paths.map_with_path(lambda path, _x: table[path], params)
+  else:
+    depth_tree = _paths.resolve_per_leaf(depths, params, name="depths", at_init=True)
+  values = []
+  for path, d in _paths.leaves_with_paths(depth_tree):
+    if _paths.is_masked_node(d):
+      continue
+    arr = _rollback._concrete_float(d)
+    if arr is None:
+      raise ValueError(f"depths for '{_paths.path_str(path)}' must be concrete numbers.")
+    if np.any(arr < -1e-6) or np.any(arr > 1 + 1e-6):
+      raise ValueError(
+        f"depths for '{_paths.path_str(path)}' must lie in [0, 1] (0 input side, 1 output "
+        f"side), got {d!r}."
+      )
+    values.append(arr.ravel())
+  if num_layers is not None:
+    if int(num_layers) != num_layers or num_layers < 0:
+      raise ValueError(f"num_layers must be a non-negative integer, got {num_layers!r}.")
+
+    def exponent(d):
+      e = (num_layers + 1) * (1.0 - np.asarray(d, np.float64))
+      return np.where(np.abs(e - np.round(e)) < 1e-4, np.round(e), e)
+  else:
+    levels = np.unique(np.round(np.concatenate(values) if values else np.zeros(0), 6))
+
+    def exponent(d):
+      d = np.round(np.asarray(d, np.float64), 6)
+      return (levels.size - 1 - np.searchsorted(levels, d)).astype(np.float64)
+
+  return _paths.map_with_path(
+    lambda _p, _x, d: jnp.asarray(exponent(d), jnp.float32), params, depth_tree
+  )
+
+
+def layerwise_lr_decay(
+  decay: ScalarOrSchedule,
+  *,
+  depths: Any = None,
+  num_layers: int | None = None,
+  granularity: str = "block",
+  order: Sequence[str] | None = None,
+  stacked: str | Sequence[str] | None = None,
+  mask: Any = None,
+) -> optax.GradientTransformation:
+  r"""Scales each leaf's update by :math:`\mathrm{decay}^{L + 1 - \mathrm{depth}}`.
+
+  The layer-wise learning-rate decay of ELECTRA, BEiT and MAE: embeddings at
+  depth 0, block :math:`i` at :math:`i + 1`, the head at :math:`L + 1`, so the
+  head trains at the full learning rate and each block below at ``decay``
+  times the one above. The exponents are computed once, at ``init``, from the
+  params as the model created them (see :func:`lr_decay_exponents`) and kept
+  in the state. Typical ``decay``: 0.65--0.9 (BEiT ViT-B 0.65/0.9, MAE 0.75,
+  ELECTRA 0.8).
+
+  Scaling is multiplicative, so it may go anywhere after the preconditioner.
+  **Weight decay** follows the chain order: an ``add_decayed_weights`` placed
+  *before* this transformation is scaled too -- what BEiT/MAE/timm do, since
+  their per-group learning rate multiplies AdamW's decay -- and one placed
+  after it is not. :func:`layerwise_lr_decay_adamw` exposes this as
+  ``scale_weight_decay``.
+
+  Args:
+    decay: the per-layer factor in (0, 1], a scalar or a schedule of the step
+      count.
+    depths: ``None`` (from ``layer_depths``), or depths in [0, 1] as a pytree
+      over the params or a ``(path, leaf)`` callable.
+    num_layers: :math:`L`; see :func:`lr_decay_exponents` for when it matters.
+    granularity, order, stacked: passed to ``layer_depths``.
+    mask: which leaves to scale (pytree of bools, callable or glob patterns);
+      the others keep the full learning rate. Depths are still computed from
+      every leaf.
+
+  Returns:
+    An ``optax.GradientTransformation`` with :class:`LayerwiseLRDecayState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from dualopt_jax._lr_decay import layerwise_lr_decay
+    >>> w = {'w': jnp.ones(2)}
+    >>> params = {'embed': w, 'layers_0': w, 'layers_1': w, 'head': w}
+    >>> tx = optax.chain(optax.scale_by_adam(), layerwise_lr_decay(0.5),
+    ...                  optax.scale_by_learning_rate(1.0))
+    >>> state = tx.init(params)
+    >>> {k: float(v['w']) for k, v in state[1].exponent.items()}
+    {'embed': 3.0, 'head': 0.0, 'layers_0': 2.0, 'layers_1': 1.0}
+
+  References:
+    Clark et al., "ELECTRA", ICLR 2020; Bao et al., "BEiT", ICLR 2022; He et
+    al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022.
+  """
+  if not callable(decay):
+    v = _rollback._concrete_float(decay)
+    if v is not None and (np.any(v <= 0) or np.any(v > 1)):
+      raise ValueError(f"layerwise_lr_decay: decay must lie in (0, 1], got {decay!r}.")
+  mask_fn = None if mask is None else _projection.named_mask(mask, "layerwise_lr_decay: mask")
+
+  def init_fn(params: optax.Params) -> LayerwiseLRDecayState:
+    exps = lr_decay_exponents(
+      params, depths=depths, num_layers=num_layers, granularity=granularity, order=order,
+      stacked=stacked,
+    )
+    if mask_fn is not None:
+      exps = _paths.map_with_path(
+        lambda _p, e, m: e if m else optax.MaskedNode(), exps, mask_fn(params)
+      )
+    return LayerwiseLRDecayState(count=jnp.zeros([], jnp.int32), exponent=exps)
+
+  def update_fn(updates, state: LayerwiseLRDecayState, params=None):
+    del params
+    d = _projection.value_at(decay, state.count)
+
+    def leaf(_path, u, e):
+      if _paths.is_masked_node(e) or not _paths.is_float_leaf(u):
+        return u
+      compute = jnp.promote_types(u.dtype, jnp.float32)
+      return (u.astype(compute) * jnp.power(jnp.asarray(d, compute), e)).astype(u.dtype)
+
+    new_updates = _paths.map_with_path(leaf, updates, state.exponent)
+    return new_updates, LayerwiseLRDecayState(optax.safe_increment(state.count), state.exponent)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def layerwise_lr_decay_adamw(
+  learning_rate: ScalarOrSchedule,
+  *,
+  decay: ScalarOrSchedule,
+  weight_decay: float = 0.0,
+  scale_weight_decay: bool = True,
+  weight_decay_mask: Any = None,
+  depths: Any = None,
+  num_layers: int | None = None,
+  granularity: str = "block",
+  order: Sequence[str] | None = None,
+  stacked: str | Sequence[str] | None = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+) -> optax.GradientTransformation:
+  r"""AdamW with layer-wise learning-rate decay (the BEiT/MAE fine-tuning optimizer).
+
+  Per leaf with scale :math:`s = \mathrm{decay}^{L + 1 - \mathrm{depth}}`:
+
+  .. math::
+
+    u = -\eta_t\,(s\,\hat a + s\,w\,\theta) \;\; (\texttt{scale\_weight\_decay=True}),
+    \qquad u = -\eta_t\,(s\,\hat a + w\,\theta) \;\; (\texttt{False}).
+
+  ``True`` (default) is what BEiT, MAE and timm do: the per-group learning
+  rate multiplies AdamW's decay too.
+
+  Args:
+    learning_rate: scalar or schedule.
+    decay: layer-wise factor (see :func:`layerwise_lr_decay`).
+    weight_decay: AdamW's decoupled weight decay :math:`w`.
+    scale_weight_decay: whether the layer scale multiplies the weight decay.
+    weight_decay_mask: which leaves get weight decay (as ``optax.adamw``'s
+      ``mask``; BEiT excludes biases, norms and embeddings), also glob
+      patterns.
+    depths, num_layers, granularity, order, stacked: see
+      :func:`layerwise_lr_decay`.
+    b1, b2, eps: Adam's parameters.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from dualopt_jax._lr_decay import layerwise_lr_decay_adamw
+    >>> tx = layerwise_lr_decay_adamw(1e-3, decay=0.75, weight_decay=0.05)
+    >>> w = {'w': jnp.ones(2)}
+    >>> state = tx.init({'embed': w, 'layers_0': w, 'head': w})
+
+  References:
+    Bao et al., "BEiT", ICLR 2022; He et al., "MAE", CVPR 2022.
+  """
+  lld = layerwise_lr_decay(
+    decay, depths=depths, num_layers=num_layers, granularity=granularity, order=order,
+    stacked=stacked,
+  )
+  wd = optax.add_decayed_weights(
+    weight_decay, None if weight_decay_mask is None else _paths.mask_callable(weight_decay_mask)
+  )
+  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  lr = optax.scale_by_learning_rate(learning_rate)
+  if scale_weight_decay:
+    return optax.chain(adam, wd, lld, lr)
+  return optax.chain(adam, lld, wd, lr)

@@ -1,0 +1,164 @@
+"""Selective Projection Decay (SPD): decay toward the anchor only when the step is inconsistent."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax._src import base as optax_base
+
+from dualopt_jax import _paths, _projection, _rollback
+
+ScalarOrSchedule = optax.ScalarOrSchedule
+
+
+class SPDState(NamedTuple):
+  """State of :func:`spd`."""
+
+  count: chex.Array  # int32 scalar: the step at which a strength schedule is evaluated.
+  inner_state: optax.OptState  # the wrapped transformation's state.
+  anchor: optax.Params  # the anchor; MaskedNode where nothing is stored (zero anchor, masked out).
+
+
+def spd(
+  inner: optax.GradientTransformation,
+  *,
+  strength: ScalarOrSchedule,
+  params0: optax.Params | None = None,
+  mask: Any = None,
+  zero_anchor: bool = False,
+  head: Any = None,
+  stacked: Any = None,
+  anchor_dtype: Any = None,
+) -> optax.GradientTransformation:
+  r"""Selective Projection Decay wrapping an inner optimizer (which includes the lr).
+
+  With ``g`` the raw gradient given to this transformation, ``p`` =
+  :math:`\theta_{t-1}`, the inner update ``u`` (so the candidate is
+  :math:`\tilde\theta = \theta_{t-1} + u`) and the anchor :math:`\theta_0`,
+  per parameter tensor:
+
+  .. math::
+
+    c_t = -\langle g, \theta_{t-1} - \theta_0 \rangle, \qquad
+    r_t = \mathrm{clip}\!\left(
+      \frac{\lVert\tilde\theta - \theta_0\rVert - \lVert\theta_{t-1} - \theta_0\rVert}
+           {\lVert\tilde\theta - \theta_0\rVert}, 0, 1\right),
+
+    \theta_t = \tilde\theta - \lambda\, r_t\, (\tilde\theta - \theta_0)
+    \quad \text{if } c_t < 0, \qquad \theta_t = \tilde\theta \text{ otherwise}.
+
+  :math:`\lambda` (``strength``) is not multiplied by the learning rate. When
+  :math:`\lVert\tilde\theta - \theta_0\rVert = 0` the ratio is taken as 0 (the
+  reference code would divide by zero). At the first step
+  :math:`\theta_{t-1} = \theta_0`, so :math:`c = 0` and nothing is decayed.
+
+  Args:
+    inner: the optimizer producing the candidate step, *including* the
+      learning rate (e.g. ``optax.adam(1e-4)``); it receives the gradients
+      unchanged and all parameters.
+    strength: :math:`\lambda \ge 0`, a scalar or an Optax schedule of the step
+      count. The reference default is 0 (off); it is tuned by validation.
+    params0: the anchor; ``None`` uses (a copy of) the params given to
+      ``init``. Kept in the optimizer state, never in a closure.
+    mask: which leaves SPD decays (pytree of bools, callable, or glob
+      patterns); the inner optimizer still updates every leaf. Leaves not
+      decayed store no anchor (e.g. exclude a new head with ``mask``).
+    zero_anchor: decay toward 0 and store no anchor (the mode for adapters
+      such as LoRA, whose pre-trained value is 0).
+    head: leaves decayed toward 0 instead of the anchor (e.g. a new head;
+      pytree of bools, callable or glob patterns); they store no anchor. To
+      leave the head alone instead, exclude it with ``mask``.
+    stacked: which leaves stack layers on axis 0 (``None``, ``"auto"``,
+      ``True``, glob patterns, ``(path, leaf)`` callable or pytree of bools); the gate and
+      the norms are then computed per layer.
+    anchor_dtype: store the anchor at this dtype (e.g. ``jnp.bfloat16``).
+
+  Returns:
+    An ``optax.GradientTransformation`` with :class:`SPDState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from dualopt_jax._spd import spd
+    >>> tx = spd(optax.adam(1e-3), strength=1.0)
+    >>> params = {'w': jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones(3)}, state, params)
+
+  References:
+    Tian, Huang, Kira, "Rethinking Weight Decay for Robust Fine-Tuning of
+    Foundation Models" (Selective Projection Decay), NeurIPS 2024.
+  """
+  if not callable(strength):
+    v = _rollback._concrete_float(strength)
+    if v is not None and np.any(v < 0):
+      raise ValueError(f"spd: strength must be >= 0, got {strength!r}.")
+  if zero_anchor and params0 is not None:
+    raise ValueError("spd: give either params0 or zero_anchor=True, not both.")
+  mask_fn = None if mask is None else _projection.named_mask(mask, "spd: mask")
+  head_fn = None if head is None else _projection.named_mask(head, "spd: head")
+
+  def decayed(params: Any) -> Any:
+    if mask_fn is None:
+      return _paths.map_with_path(lambda _p, _x: True, params)
+    return mask_fn(params)
+
+  def init_fn(params: optax.Params) -> SPDState:
+    flags = decayed(params)
+    _projection.stacked_flags(stacked, params)  # raises early on a bad spec
+    if params0 is not None and not zero_anchor:
+      table = _rollback.check_anchor_matches(params0, params)
+      source = lambda path, x: table.entries[path]
+    else:
+      source = lambda _path, x: x
+
+    def store(path, x, d, is_head):
+      if zero_anchor or is_head or not d or not _paths.is_float_leaf(x):
+        return optax.MaskedNode()
+      return _rollback._store_anchor(source(path, x), anchor_dtype)
+
+    heads = (
+      _paths.map_with_path(lambda _p, _x: False, params) if head_fn is None else head_fn(params)
+    )
+    anchor = _paths.map_with_path(store, params, flags, heads)
+    return SPDState(
+      count=jnp.zeros([], jnp.int32), inner_state=inner.init(params), anchor=anchor
+    )
+
+  def update_fn(updates, state: SPDState, params=None, **extra_args):
+    if params is None:
+      raise ValueError(optax_base.NO_PARAMS_MSG)
+    inner_updates, inner_state = optax.with_extra_args_support(inner).update(
+      updates, state.inner_state, params, **extra_args
+    )
+    lam = _projection.value_at(strength, state.count)
+    flags = decayed(params)
+    st_flags = _projection.stacked_flags(stacked, params)
+
+    def leaf(path, u, g, p, a, d, st):
+      if not d or not _paths.is_float_leaf(u):
+        return u
+      compute = jnp.promote_types(u.dtype, jnp.float32)
+      uf = u.astype(compute)
+      prev = p.astype(compute)
+      if not _paths.is_masked_node(a):
+        prev = prev - a.astype(compute)
+      cand = prev + uf
+      axes = _projection.reduce_axes(np.ndim(u), stacked=bool(st), per="tensor")
+      c = -jnp.sum(g.astype(compute) * prev, axis=axes, keepdims=True)
+      n_cand = _projection.norm_keepdims(cand, axes)
+      n_prev = _projection.norm_keepdims(prev, axes)
+      ratio = jnp.where(n_cand > 0, (n_cand - n_prev) / jnp.where(n_cand > 0, n_cand, 1.0), 0.0)
+      r = jnp.clip(ratio, 0.0, 1.0)
+      factor = jnp.where(c < 0, jnp.asarray(lam, compute) * r, 0.0)
+      return (uf - factor * cand).astype(u.dtype)
+
+    new_updates = _paths.map_with_path(
+      leaf, inner_updates, updates, params, state.anchor, flags, st_flags
+    )
+    return new_updates, SPDState(optax.safe_increment(state.count), inner_state, state.anchor)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
