@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from dualopt_jax import _depths, _paths, _projection
+from dualopt_jax import _depths, _paths, _tree_norms
 
 _PER = ("tensor", "block")
 
@@ -180,14 +180,14 @@ def drift(
   def sq(path, x, st):
     a = anchor.entries[path]
     xf = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
-    axes = _projection.reduce_axes(np.ndim(x), stacked=st, per="tensor")
+    axes = _tree_norms.reduce_axes(np.ndim(x), stacked=st, per="tensor")
     af = jnp.asarray(a, xf.dtype)
     return jnp.sum(jnp.square(xf - af), axis=axes), jnp.sum(jnp.square(af), axis=axes)
 
   out: dict[str, Any] = {}
   if per == "tensor":
     flags = dict(
-      _paths.leaves_with_paths(_projection.stacked_flags(stacked, params))
+      _paths.leaves_with_paths(_tree_norms.stacked_flags(stacked, params))
     )
     for path, x in leaves:
       num, den = sq(path, x, bool(flags[path]))

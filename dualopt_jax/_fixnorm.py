@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from optax._src import base as optax_base
 
-from dualopt_jax import _paths, _projection, _rollback
+from dualopt_jax import _paths, _rollback, _tree_norms
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -110,7 +110,7 @@ def fix_norm(
     v = _rollback._concrete_float(classifier_norm)
     if v is not None and np.any(v <= 0):
       raise ValueError(f"fix_norm: classifier_norm must be > 0, got {classifier_norm!r}.")
-  named = _projection.named_mask
+  named = _tree_norms.named_mask
   norm_fn = None if normalized is None else named(normalized, "fix_norm: normalized")
   clf_fn = None if classifier is None else named(classifier, "fix_norm: classifier")
 
@@ -133,20 +133,20 @@ def fix_norm(
 
   def axes(path, x, st, kind):
     p = per if kind == "n" else classifier_per
-    return _projection._axes_for(path, x, st, p, channel_axis)
+    return _tree_norms.axes_for(path, x, st, p, channel_axis)
 
   def init_fn(params: optax.Params) -> FixNormState:
     ks = kinds(params)
-    flags = _projection.stacked_flags(stacked, params)
+    flags = _tree_norms.stacked_flags(stacked, params)
     if norm != "initial":
       values = _paths.resolve_per_leaf(norm, params, name="fix_norm: norm")
-      _projection.check_nonnegative(values, name="fix_norm: norm")
+      _tree_norms.check_nonnegative(values, name="fix_norm: norm")
 
     def target(path, x, kind, st, *value):
       if kind != "n":
         axes(path, x, st, kind)  # validates classifier axes early
         return optax.MaskedNode()
-      n = _projection.norm_keepdims(jnp.asarray(x), axes(path, x, st, kind))
+      n = _tree_norms.norm_keepdims(jnp.asarray(x), axes(path, x, st, kind))
       if norm == "initial":
         return n
       return jnp.broadcast_to(jnp.asarray(value[0], n.dtype), n.shape)
@@ -159,15 +159,15 @@ def fix_norm(
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
     ks = kinds(params)
-    flags = _projection.stacked_flags(stacked, params)
-    clf_t = None if classifier_norm is None else _projection.value_at(classifier_norm, state.count)
+    flags = _tree_norms.stacked_flags(stacked, params)
+    clf_t = None if classifier_norm is None else _tree_norms.value_at(classifier_norm, state.count)
 
     def leaf(path, u, p, kind, st, t):
       if not kind:
         return u
       compute = jnp.promote_types(u.dtype, jnp.float32)
       post = p.astype(compute) + u.astype(compute)
-      n = _projection.norm_keepdims(post, axes(path, u, st, kind))
+      n = _tree_norms.norm_keepdims(post, axes(path, u, st, kind))
       rho = t.astype(compute) if kind == "n" else jnp.asarray(clf_t, compute)
       factor = jnp.where(n > 0, rho / jnp.where(n > 0, n, 1.0), 1.0)
       return (u.astype(compute) + (factor - 1.0) * post).astype(u.dtype)

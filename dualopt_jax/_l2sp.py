@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from optax._src import base as optax_base
 
-from dualopt_jax import _paths, _projection, _rollback
+from dualopt_jax import _paths, _rollback, _tree_norms
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -37,7 +37,7 @@ def _l2sp_term(
       v = _rollback._concrete_float(value)
       if v is not None and np.any(v < 0):
         raise ValueError(f"{name}: {label} must be >= 0, got {value!r}.")
-  head_fn = None if head is None else _projection.named_mask(head, f"{name}: head")
+  head_fn = None if head is None else _tree_norms.named_mask(head, f"{name}: head")
 
   def head_flags(params: Any) -> Any:
     if head_fn is None:
@@ -62,8 +62,8 @@ def _l2sp_term(
   def update_fn(updates, state: L2SPState, params=None):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
-    a_t = _projection.value_at(alpha, state.count)
-    b_t = _projection.value_at(beta, state.count)
+    a_t = _tree_norms.value_at(alpha, state.count)
+    b_t = _tree_norms.value_at(beta, state.count)
 
     def leaf(_path, u, p, a, is_head):
       if not _paths.is_float_leaf(u):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dualopt_jax import _depths, _paths, _projection, _rollback
+from dualopt_jax import _depths, _paths, _rollback, _tree_norms
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -144,7 +144,7 @@ def layerwise_lr_decay(
     v = _rollback._concrete_float(decay)
     if v is not None and (np.any(v <= 0) or np.any(v > 1)):
       raise ValueError(f"layerwise_lr_decay: decay must lie in (0, 1], got {decay!r}.")
-  mask_fn = None if mask is None else _projection.named_mask(mask, "layerwise_lr_decay: mask")
+  mask_fn = None if mask is None else _tree_norms.named_mask(mask, "layerwise_lr_decay: mask")
 
   def init_fn(params: optax.Params) -> LayerwiseLRDecayState:
     exps = lr_decay_exponents(
@@ -159,7 +159,7 @@ def layerwise_lr_decay(
 
   def update_fn(updates, state: LayerwiseLRDecayState, params=None):
     del params
-    d = _projection.value_at(decay, state.count)
+    d = _tree_norms.value_at(decay, state.count)
 
     def leaf(_path, u, e):
       if _paths.is_masked_node(e) or not _paths.is_float_leaf(u):

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from optax._src import base as optax_base
 
-from dualopt_jax import _paths, _projection, _rollback
+from dualopt_jax import _paths, _rollback, _tree_norms
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -98,8 +98,8 @@ def spd(
       raise ValueError(f"spd: strength must be >= 0, got {strength!r}.")
   if zero_anchor and params0 is not None:
     raise ValueError("spd: give either params0 or zero_anchor=True, not both.")
-  mask_fn = None if mask is None else _projection.named_mask(mask, "spd: mask")
-  head_fn = None if head is None else _projection.named_mask(head, "spd: head")
+  mask_fn = None if mask is None else _tree_norms.named_mask(mask, "spd: mask")
+  head_fn = None if head is None else _tree_norms.named_mask(head, "spd: head")
 
   def decayed(params: Any) -> Any:
     if mask_fn is None:
@@ -108,7 +108,7 @@ def spd(
 
   def init_fn(params: optax.Params) -> SPDState:
     flags = decayed(params)
-    _projection.stacked_flags(stacked, params)  # raises early on a bad spec
+    _tree_norms.stacked_flags(stacked, params)  # raises early on a bad spec
     if params0 is not None and not zero_anchor:
       table = _rollback.check_anchor_matches(params0, params)
       source = lambda path, x: table.entries[path]
@@ -134,9 +134,9 @@ def spd(
     inner_updates, inner_state = optax.with_extra_args_support(inner).update(
       updates, state.inner_state, params, **extra_args
     )
-    lam = _projection.value_at(strength, state.count)
+    lam = _tree_norms.value_at(strength, state.count)
     flags = decayed(params)
-    st_flags = _projection.stacked_flags(stacked, params)
+    st_flags = _tree_norms.stacked_flags(stacked, params)
 
     def leaf(path, u, g, p, a, d, st):
       if not d or not _paths.is_float_leaf(u):
@@ -147,10 +147,10 @@ def spd(
       if not _paths.is_masked_node(a):
         prev = prev - a.astype(compute)
       cand = prev + uf
-      axes = _projection.reduce_axes(np.ndim(u), stacked=bool(st), per="tensor")
+      axes = _tree_norms.reduce_axes(np.ndim(u), stacked=bool(st), per="tensor")
       c = -jnp.sum(g.astype(compute) * prev, axis=axes, keepdims=True)
-      n_cand = _projection.norm_keepdims(cand, axes)
-      n_prev = _projection.norm_keepdims(prev, axes)
+      n_cand = _tree_norms.norm_keepdims(cand, axes)
+      n_prev = _tree_norms.norm_keepdims(prev, axes)
       ratio = jnp.where(n_cand > 0, (n_cand - n_prev) / jnp.where(n_cand > 0, n_cand, 1.0), 0.0)
       r = jnp.clip(ratio, 0.0, 1.0)
       factor = jnp.where(c < 0, jnp.asarray(lam, compute) * r, 0.0)
