@@ -5,6 +5,12 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["JAX_NUM_CPU_DEVICES"] = os.environ.get("JAX_NUM_CPU_DEVICES", "8")
+# On 2 cores the CPU client has one thread per simulated device; under load an 8-device
+# collective can wait for threads far longer than XLA's default 40 s before aborting.
+if "collective_call_terminate_timeout" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+  ).strip()
 
 import jax  # noqa: E402
 
