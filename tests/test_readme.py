@@ -21,7 +21,9 @@ def test_fine_tuning_quick_start_trains(capsys) -> None:
   assert "rollback/step @peak" in capsys.readouterr().out
   params, opt_state = namespace["params"], namespace["opt_state"]
   x, y = jnp.ones((4, 32)), jnp.array([1, 2, 3, 4])
-  new_params, _, loss = namespace["train_step"](params, opt_state, x, y)
+  new_params, state = params, opt_state
+  for _ in range(3):  # the warm-up starts at lr 0
+    new_params, state, loss = namespace["train_step"](new_params, state, x, y)
   assert jnp.isfinite(loss)
   assert not jnp.array_equal(new_params["head"]["kernel"], params["head"]["kernel"])
 
