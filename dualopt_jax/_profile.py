@@ -86,15 +86,24 @@ class LayerProfile:
     if key in _TABLES:
       return _TABLES[key]
     if self.granularity == "tensor" and self.order is None and not _paths.has_variables(tree):
-      raise ValueError(
-        "LayerProfile(granularity='tensor') needs the model's definition order, and this tree's "
-        "key order is not it (jax.jit and jax.eval_shape hand tx.init a key-sorted tree; update "
-        "always gets one). Call tx.init(params) or dj.describe(params, tx) once, un-jitted, with "
-        "the params as the model created them (e.g. model.init(...)['params']), or pass "
-        "order=[...] patterns."
-      )
-    _TABLES[key] = _depths.depth_table(tree, trust_order=False, **kwargs)
+      raise self._order_error()
+    try:
+      _TABLES[key] = _depths.depth_table(tree, trust_order=False, **kwargs)
+    except ValueError as error:
+      if "definition order" in str(error):
+        raise self._order_error() from error
+      raise
     return _TABLES[key]
+
+  def _order_error(self) -> ValueError:
+    return ValueError(
+      f"LayerProfile(granularity={self.granularity!r}) needs the model's definition order, and "
+      "this tree's key order is not it (jax.jit, jax.vmap and jax.eval_shape hand tx.init a "
+      "key-sorted tree; update always gets one). Call tx.init(params) or dj.describe(params, tx) "
+      "once, un-jitted, with the params as the model created them (e.g. "
+      "model.init(...)['params']) -- the depths are then remembered for every later jitted "
+      "init/update in this process -- or pass order=[...] patterns."
+    )
 
   def multiplier(self, depth: Any) -> Any:
     """The profile's value at ``depth`` (a float, or an array for stacked leaves)."""
