@@ -63,7 +63,8 @@ def describe(
 
   profile = description.profile if description else tx_or_profile
   if isinstance(profile, LayerProfile):
-    table = profile.depth_table(body, at_init=True)
+    with _paths.order_hint(params):
+      table = profile.depth_table(body, at_init=True)
     multipliers = {_paths.path_str(p): profile.multiplier(d) for p, d in table.items()}
     depths = {_paths.path_str(p): d for p, d in table.items()}
   else:

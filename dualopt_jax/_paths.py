@@ -11,6 +11,8 @@ applies to another.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -141,6 +143,67 @@ def reversed_key_order(tree: Any) -> Any:
   if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
     return [reversed_key_order(v) for v in tree]
   return tree
+
+
+def _mappings_sorted(node: Any) -> bool:
+  """Whether every mapping in ``node`` has its keys in sorted order (as ``jax.tree`` rebuilds)."""
+  if _is_variable(node):
+    return True
+  if isinstance(node, Mapping) or (hasattr(node, "items") and callable(node.items)):
+    keys = [str(k) for k in node]
+    return keys == sorted(keys) and all(_mappings_sorted(v) for v in node.values())
+  if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
+    return all(_mappings_sorted(v) for v in node)
+  return True
+
+
+def order_is_definition(tree: Any) -> bool:
+  """Whether ``tree``'s key order can be taken as the model's definition order.
+
+  Not for trees under ``jax.jit``/``jax.vmap``/``jax.eval_shape`` (abstract
+  leaves), NNX state (always sorted), or trees whose every mapping is sorted
+  (what any ``jax.tree`` rebuild, ``optax.masked`` included, produces; a real
+  Linen tree has ``kernel`` before ``bias``).
+  """
+  return not (has_variables(tree) or has_abstract_leaves(tree) or _mappings_sorted(tree))
+
+
+_ORDER_HINT: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar(
+  "dualopt_order_hint", default=None
+)
+
+
+@contextlib.contextmanager
+def order_hint(tree: Any) -> Iterator[None]:
+  """Within the block, profiles may take the definition order from ``tree``.
+
+  Used around ``optax.masked(...).init``, which hands the inner ``init`` a
+  key-sorted copy of the params.
+  """
+  hint = [p for p, _ in definition_order(tree)] if order_is_definition(tree) else None
+  token = _ORDER_HINT.set(hint)
+  try:
+    yield
+  finally:
+    _ORDER_HINT.reset(token)
+
+
+def in_hinted_order(tree: Any) -> Any | None:
+  """``tree``'s leaves as nested dicts in the active hint's order, or None without a hint."""
+  hint = _ORDER_HINT.get()
+  if hint is None:
+    return None
+  leaves = {p: x for p, x in leaves_with_paths(tree) if not is_masked_node(x)}
+  if not set(leaves) <= set(hint):
+    return None
+  out: dict = {}
+  for path in hint:
+    if path in leaves:
+      node = out
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = leaves[path]
+  return out
 
 
 def is_float_leaf(x: Any) -> bool:

@@ -79,10 +79,12 @@ class LayerProfile:
     """
     key = (self.granularity, self.order, self.stacked, _signature(tree))
     kwargs = {"granularity": self.granularity, "order": self.order, "stacked": self.stacked}
-    trusted = not _paths.has_variables(tree) and not _paths.has_abstract_leaves(tree)
-    if at_init and trusted:
-      _TABLES[key] = _depths.depth_table(tree, trust_order=True, **kwargs)
-      return _TABLES[key]
+    if at_init:
+      hinted = _paths.in_hinted_order(tree)
+      source = hinted if hinted is not None else tree
+      if hinted is not None or _paths.order_is_definition(tree):
+        _TABLES[key] = _depths.depth_table(source, trust_order=True, **kwargs)
+        return _TABLES[key]
     if key in _TABLES:
       return _TABLES[key]
     if self.granularity == "tensor" and self.order is None and not _paths.has_variables(tree):

@@ -103,9 +103,16 @@ def _pull_toward(u: chex.Array, p: chex.Array, a: chex.Array | None, lam: Any) -
 
 
 def _masked(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
+  """``optax.masked`` that keeps the params' definition order visible to ``init``."""
   if mask is None:
     return tx
-  return optax.masked(tx, _paths.mask_callable(mask))
+  masked = optax.masked(tx, _paths.mask_callable(mask))
+
+  def init_fn(params: optax.Params) -> Any:
+    with _paths.order_hint(params):
+      return masked.init(params)
+
+  return optax.GradientTransformation(init_fn, masked.update)
 
 
 def check_anchor_matches(params0: Any, params: Any) -> _paths.PathTable:

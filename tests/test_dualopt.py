@@ -250,3 +250,26 @@ def test_olor_rollback_fraction_above_one_is_rejected_at_init() -> None:
   tx = dj.olor(1e-2, back_level_max=200.0)  # λ = 1e-2 * 200 = 2 on the first tensor
   with pytest.raises(ValueError, match=r"per-step fraction must stay in \[0, 1\]"):
     tx.init({"w": jnp.ones(2), "b": jnp.ones(2)})
+
+
+@pytest.mark.parametrize("jit_init", [False, True])
+def test_olor_with_head_indexes_the_backbone_in_definition_order(jit_init: bool) -> None:
+  """``head=`` masks through ``optax.masked``, whose init sees a key-sorted copy of the params."""
+  params = _MLP().init(jax.random.key(1), jnp.ones((1, 4)))["params"]
+  backbone = [("Dense_0", "kernel"), ("Dense_0", "bias"), ("LayerNorm_0", "scale"),
+              ("LayerNorm_0", "bias"), ("Dense_1", "kernel"), ("Dense_1", "bias")]
+  lr, kappa_max = 0.1, 5.0
+  kappa = ref.olor_kappa(len(backbone), kappa_max, 0.0, 1.0)
+  tx = dj.olor(lr, back_level_max=kappa_max, back_pow=1.0, optimizer="sgd", head="Dense_2")
+  if jit_init:
+    dj.describe(params, tx, print_fn=None)  # supplies the definition order once, un-jitted
+    state = jax.jit(tx.init)(params)
+  else:
+    state = tx.init(params)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+  updates, _ = tx.update(grads, state, params)
+  # SGD's first step is -lr*g; the rollback then adds lr*kappa_i*lr*g: recover kappa_i per tensor.
+  for (block, leaf), want in zip(backbone, kappa, strict=True):
+    got = (np.asarray(updates[block][leaf]) + lr * 0.5) / (lr * lr * 0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=f"{block}/{leaf}")
+  np.testing.assert_allclose(np.asarray(updates["Dense_2"]["kernel"]), -lr * 0.5, rtol=1e-6)
