@@ -19,7 +19,7 @@ OPTIMIZERS = ("adam", "sgd")
 DECAY_PROFILES = ("shallow", "deep", "flat")
 
 # Scratch-mode defaults, chosen by measurement (BUILD_NOTES.md, "Scratch-mode defaults").
-DEFAULT_WEIGHT_DECAY = 1e-4
+DEFAULT_WEIGHT_DECAY = 3e-3
 DEFAULT_DECAY_PROFILE = "shallow"
 DEFAULT_DECAY_FOLLOWS_LR = True
 
@@ -99,6 +99,7 @@ def dualopt(
   *,
   mode: Literal["finetune", "scratch"] = "finetune",
   rollback: float = 0.01,
+  rollback_floor: float = 0.0,
   weight_decay: float = DEFAULT_WEIGHT_DECAY,
   power: float = 1.0,
   granularity: Literal["block", "tensor"] = "block",
@@ -127,11 +128,12 @@ def dualopt(
 
     .. math::
       \theta_t = \hat\theta_t - \lambda_{i,t}(\hat\theta_t - \theta_0), \quad
-      \lambda_{i,t} = \rho\,\frac{\eta_t}{\eta_{peak}}\,(1 - d_i)^{p}
+      \lambda_{i,t} = \rho\,\frac{\eta_t}{\eta_{peak}}\,(f + (1 - d_i)^{p}(1 - f))
 
-    with :math:`\rho` = ``rollback``: the shallowest layer is pulled back the
-    fraction :math:`\rho` per step at the peak learning rate, the deepest not
-    at all. ``head`` parameters get the plain optimizer step.
+    with :math:`\rho` = ``rollback`` and :math:`f` = ``rollback_floor``: the
+    shallowest layer is pulled back the fraction :math:`\rho` per step at the
+    peak learning rate, the deepest :math:`f\rho` (0 by default, as in OLOR).
+    ``head`` parameters get the plain optimizer step.
   * ``mode="scratch"`` (real-time layer-wise decay, anchor 0):
 
     .. math::
@@ -147,8 +149,13 @@ def dualopt(
     mode: ``"finetune"`` or ``"scratch"``.
     rollback: fine-tune mode's per-step fraction at the peak learning rate for
       the shallowest layer (the reference pipeline uses 0.01).
+    rollback_floor: the deepest backbone layer's rollback as a fraction of
+      ``rollback`` (OLOR's κ_min/κ_max; the reference uses 0). On a shallow
+      backbone whose last layer holds most weights, 0.25 cut forgetting a lot
+      (BUILD_NOTES.md, "Evidence").
     weight_decay: scratch mode's per-step fraction at the peak learning rate
-      for the most decayed layer.
+      for the most decayed layer. The default 3e-3 was chosen by measurement
+      (about half a typical Adam peak lr; scale it with your lr).
     power: exponent of the depth profile (1 linear, 2 quadratic).
     granularity: ``"block"`` (one depth per block, parsed from paths) or
       ``"tensor"`` (one per tensor in definition order, as OLOR's code does).
@@ -194,7 +201,8 @@ def dualopt(
   mask = _not_head(head)
   if mode == "finetune":
     _check_fraction("rollback", rollback)
-    profile = LayerProfile(1.0, 0.0, power, granularity, order_t, stacked_t)
+    _check_fraction("rollback_floor", rollback_floor)
+    profile = LayerProfile(1.0, rollback_floor, power, granularity, order_t, stacked_t)
     rate = _following_lr(rollback, learning_rate, peak_learning_rate, name="rollback")
     pull = rollback_to(rate=rate, layer_scale=profile, mask=mask, anchor_dtype=anchor_dtype)
     kind, fraction, pull_rate = "rollback", rollback, rate

@@ -115,9 +115,14 @@ def dtype(request):
     yield request.param
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-@pytest.mark.parametrize("power", [1.0, 2.0])
-def test_finetune_matches_numpy_reference(optimizer: str, power: float, dtype: str) -> None:
+@pytest.mark.parametrize(
+  ("optimizer", "power", "floor"),
+  [("adam", 1.0, 0.0), ("adam", 2.0, 0.0), ("sgd", 1.0, 0.0), ("sgd", 2.0, 0.0),
+   ("adam", 1.0, 0.25)],
+)
+def test_finetune_matches_numpy_reference(
+  optimizer: str, power: float, floor: float, dtype: str
+) -> None:
   params = _cast(_model_params(), dtype)
   noise = _noise(params, STEPS)
   peak = PEAK if optimizer == "adam" else 1e-3
@@ -125,10 +130,10 @@ def test_finetune_matches_numpy_reference(optimizer: str, power: float, dtype: s
   rollback = 0.05
   tx = dj.dualopt(
     schedule, rollback=rollback, power=power, head="head", optimizer=optimizer,
-    peak_learning_rate=peak,
+    peak_learning_rate=peak, rollback_floor=floor,
   )
   lr = ref.warmup_cosine(peak, WARMUP, STEPS)
-  by_hand = {b: (1.0 - i / 3) ** power for i, b in enumerate(BLOCK_ORDER)}
+  by_hand = {b: floor + (1.0 - i / 3) ** power * (1 - floor) for i, b in enumerate(BLOCK_ORDER)}
   expected = _run_reference(
     params, noise, STEPS, by_hand, lr=lr, fraction=lambda t: rollback * lr(t) / peak,
     optimizer=optimizer,
@@ -237,6 +242,7 @@ def test_schedule_without_peak_learning_rate_is_rejected() -> None:
     ({"optimizer": "lion"}, r"optimizer must be one of \('adam', 'sgd'\)"),
     ({"rollback": 1.5}, r"rollback must lie in \[0, 1\]"),
     ({"rollback": -0.1}, r"rollback must lie in \[0, 1\]"),
+    ({"rollback_floor": 2.0}, r"rollback_floor must lie in \[0, 1\]"),
     ({"mode": "scratch", "weight_decay": 2.0}, r"weight_decay must lie in \[0, 1\]"),
     ({"mode": "scratch", "decay_profile": "middle"}, r"decay_profile must be one of"),
   ],

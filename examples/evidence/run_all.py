@@ -1,0 +1,134 @@
+"""Runs the full evidence grids and writes JSON/CSV/PNG next to each other.
+
+From the repository root::
+
+  python -m examples.evidence.run_all vision            # = python examples/demo.py --full
+  python -m examples.evidence.run_all language
+  python -m examples.evidence.run_all scratch-vision
+  python -m examples.evidence.run_all scratch-language
+  python -m examples.evidence.run_all all --out results
+
+Add ``--seeds N`` / ``--steps-scale F`` for a cheaper run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from . import language, plots, runner, scratch, stats, summarize, vision
+
+BENCHES = ("vision", "language", "scratch-vision", "scratch-language")
+
+
+def _write(res: dict, out: str, stem: str, header: list[str], rows: list[list[str]]) -> str:
+  text = stats.table(rows, header)
+  stats.write_json(os.path.join(out, f"{stem}.json"), res)
+  stats.write_csv(os.path.join(out, f"{stem}.csv"),
+                  runner.csv_rows(res["benchmark"], res["methods"], res["seeds"]))
+  spec = summarize.SPECS.get(f"{stem}.json")
+  paired = ""
+  if spec and res["methods"].get(spec[0], {}).get("status") == "ok":
+    paired = (f"\n\nPaired by seed vs {spec[0]} (mean ± std of the per-seed difference, "
+              f"t = mean/(std/√n)):\n" + summarize.paired_table(res, *spec))
+  with open(os.path.join(out, f"{stem}.md"), "w") as f:
+    f.write(f"`{res.get('command', '')}`\n\n{text}{paired}\n")
+  return text + paired
+
+
+def report(bench: str, res: dict, out: str) -> str:
+  """Writes JSON, CSV, Markdown table and plots of one benchmark's results; returns the table."""
+  os.makedirs(out, exist_ok=True)
+  n = len(res["seeds"])
+  if bench == "vision":
+    text = _write(res, out, "vision_transfer", *vision.table_rows(res))
+    extra = stats.table(*reversed(vision.constrained_rows(res)))
+    text += "\n\nWith a retention constraint (upstream *val* acc >= 90%), still chosen on val:\n"
+    text += extra
+    with open(os.path.join(out, "vision_transfer.md"), "a") as f:
+      f.write("\nWith a retention constraint (upstream val acc >= 90%), chosen on val:\n\n"
+              + extra + "\n")
+    plots.tradeoff(res, os.path.join(out, "vision_tradeoff.png"), x_metric="forgetting",
+                   y_metric="down_test_acc", x_label="forgetting: upstream test acc lost (points)",
+                   y_label="downstream test accuracy (%)", x_scale=100, y_scale=100,
+                   title=f"digits 0-4 -> 5-9, {n} seeds, mean ± std at the val-chosen hp")
+    plots.drift(res, os.path.join(out, "vision_drift.png"),
+                methods=("adam", "dualopt_block", "dualopt_tensor"),
+                title="per-layer drift during fine-tuning (mean ± std over seeds)")
+  elif bench == "language":
+    text = _write(res, out, "language_transfer", *language.table_rows(res))
+    plots.tradeoff(res, os.path.join(out, "language_tradeoff.png"), x_metric="forgetting",
+                   y_metric="down_test_loss", x_label="forgetting: rise of upstream val loss",
+                   y_label="downstream test loss (lower is better)",
+                   title=f"stdlib source -> pydoc prose, TinyGPT, {n} seeds")
+    plots.drift(res, os.path.join(out, "language_drift.png"),
+                methods=("adam", "dualopt_block", "dualopt_tensor"),
+                title="per-layer drift during fine-tuning (mean ± std over seeds)")
+  else:
+    kind = bench.split("-")[1]
+    text = _write(res, out, f"scratch_{kind}", *scratch.table_rows(res))
+    metric, label, scale_y = (("val_acc", "validation accuracy (%)", 100) if kind == "vision"
+                              else ("val_loss", "validation loss", 1))
+    plots.grid_curves(res, os.path.join(out, f"scratch_{kind}_ablation.png"), metric=metric,
+                      y_label=label, y_scale=scale_y,
+                      title=f"from scratch ({kind}), {n} seeds: decay grid per variant")
+  return text
+
+
+_STEMS = {"vision": "vision_transfer", "language": "language_transfer",
+          "scratch-vision": "scratch_vision", "scratch-language": "scratch_language"}
+
+
+def run_bench(bench: str, out: str, *, seeds: int | None, scale: float, progress: bool) -> str:
+  s = lambda n: max(1, int(round(n * scale)))
+  cmd = "python -m examples.evidence.run_all " + bench + (f" --seeds {seeds}" if seeds else "") + (
+    f" --steps-scale {scale:g}" if scale != 1 else "")
+  if bench == "vision":
+    cfg = vision.VisionConfig()
+    cfg.pretrain_steps, cfg.finetune_steps = s(cfg.pretrain_steps), s(cfg.finetune_steps)
+    cfg.seeds = seeds or cfg.seeds
+    res = vision.run(cfg, progress=progress)
+  elif bench == "language":
+    cfg = language.LanguageConfig()
+    cfg.pretrain_steps, cfg.finetune_steps = s(cfg.pretrain_steps), s(cfg.finetune_steps)
+    cfg.seeds = seeds or cfg.seeds
+    res = language.run(cfg, progress=progress)
+  else:
+    cfg = scratch.ScratchConfig()
+    cfg.vision_steps, cfg.language_steps = s(cfg.vision_steps), s(cfg.language_steps)
+    cfg.seeds = seeds or cfg.seeds
+    res = scratch.run(cfg, bench.split("-")[1], progress=progress)
+  res["command"] = cmd
+  return report(bench, res, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description="full evidence grids")
+  parser.add_argument("bench", choices=(*BENCHES, "all"))
+  parser.add_argument("--out", default="results")
+  parser.add_argument("--seeds", type=int, default=None)
+  parser.add_argument("--steps-scale", type=float, default=1.0)
+  parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--from-json", action="store_true",
+                      help="do not train: rewrite tables and plots from the JSON in --out")
+  args = parser.parse_args(argv)
+  for bench in BENCHES if args.bench == "all" else (args.bench,):
+    start = time.perf_counter()
+    if args.from_json:
+      path = os.path.join(args.out, _STEMS[bench] + ".json")
+      if os.path.exists(path):
+        with open(path) as f:
+          print(f"\n== {bench}\n{report(bench, json.load(f), args.out)}\n")
+      continue
+    text = run_bench(bench, args.out, seeds=args.seeds, scale=args.steps_scale,
+                     progress=not args.no_progress)
+    print(f"\n== {bench} ({time.perf_counter() - start:.0f} s)\n{text}\n", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
+

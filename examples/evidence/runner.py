@@ -1,0 +1,131 @@
+"""Runs a list of methods on one task with the same budget, selects each on validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dualopt_jax import _depths, _paths
+
+from . import methods as methods_lib
+from . import stats, train
+
+
+@dataclasses.dataclass
+class Protocol:
+  """How methods are compared: one step budget, one validation metric."""
+
+  steps: int
+  select_metric: str  # metric (H, S) used to choose the grid value
+  select_higher: bool
+  tiebreak_metric: str | None = None  # lower is better
+  head: str | None = None
+  base_lr: float = 1e-3  # replaced by the lr chosen for ``base_lr_from``
+  base_lr_from: str | None = "adam"
+  chunk: int = 50
+  drift_every: int = 5  # keep every k-th step of the drift trace
+
+
+def run_methods(
+  methods: list[methods_lib.Method],
+  task: train.Task,
+  params0: Any,
+  seed_keys: Any,
+  evaluate: Callable[[Any], dict[str, np.ndarray]],
+  protocol: Protocol,
+  *,
+  progress: bool = True,
+  log: Callable[[str], None] = print,
+  template: Any = None,
+) -> dict[str, Any]:
+  """Trains every method on its grid x seeds; returns per-method results (JSON-ready)."""
+  out: dict[str, Any] = {}
+  base_lr = protocol.base_lr
+  order = depths = None
+  if template is not None:
+    is_head = _paths.path_filter(protocol.head) if protocol.head else (lambda _p: False)
+    order = tuple(_paths.path_str(p) for p, _ in _paths.definition_order(template)
+                  if not is_head(p))
+    body = {k: v for k, v in template.items() if not is_head((k,))}
+    depths = _depths.layer_depths(body, granularity="block")
+  bar = tqdm(methods, desc="methods", disable=not progress)
+  for m in bar:
+    bar.set_postfix_str(m.name)
+    missing = methods_lib.availability(m)
+    entry: dict[str, Any] = {
+      "hp_name": m.hp_name, "grid": list(m.grid), "note": m.note, "tunes_lr": m.tunes_lr,
+    }
+    if missing:
+      entry["status"] = f"missing: {missing}"
+      log(f"[skip] {m.name}: {missing}")
+      out[m.name] = entry
+      continue
+    ctx = methods_lib.Context(steps=protocol.steps, base_lr=base_lr, head=protocol.head,
+                              order=order, depths=depths)
+    entry["base_lr"] = None if m.tunes_lr else base_lr
+    start = time.perf_counter()
+    try:
+      run = train.train_grid(
+        task, lambda hp, ctx=ctx, m=m: m.build(ctx, hp), m.grid, params0, seed_keys,
+        steps=protocol.steps, chunk=protocol.chunk, desc=m.name, progress=progress,
+        template=template,
+      )
+      metrics = evaluate(run.params)
+    except Exception as e:  # a broken peer module must not stop the benchmark
+      entry["status"] = f"error: {e.__class__.__name__}: {e}"
+      entry["traceback"] = traceback.format_exc(limit=6)
+      log(f"[error] {m.name}: {e.__class__.__name__}: {e}")
+      out[m.name] = entry
+      continue
+    metrics["train_loss_end"] = run.final_loss
+    k = stats.select(
+      metrics[protocol.select_metric],
+      metrics.get(protocol.tiebreak_metric) if protocol.tiebreak_metric else None,
+      higher=protocol.select_higher,
+    )
+    keep = slice(protocol.drift_every - 1, None, protocol.drift_every)
+    entry.update(
+      status="ok",
+      seconds=time.perf_counter() - start,
+      vectorized_grid=run.vectorized,
+      selected_index=k,
+      selected_hp=float(m.grid[k]),
+      grid_metrics={name: np.asarray(v).tolist() for name, v in metrics.items()},
+      selected={name: stats.summary(np.asarray(v)[k]) for name, v in metrics.items()},
+      drift_groups=run.groups,
+      drift_steps=list(range(1, protocol.steps + 1))[keep],
+      drift_selected_mean=run.drift[k].mean(axis=0)[keep],
+      drift_selected_std=run.drift[k].std(axis=0)[keep],
+    )
+    log(f"[done] {m.name}: {m.hp_name}={m.grid[k]:g} chosen, {entry['seconds']:.0f} s"
+        f"{'' if run.vectorized else ' (grid not vectorized: one compile per value)'}")
+    if protocol.base_lr_from == m.name:
+      base_lr = float(m.grid[k])
+      log(f"[base lr] {m.name} chose lr={base_lr:g} on validation; other methods use it")
+    out[m.name] = entry
+  bar.close()
+  return out
+
+
+def csv_rows(benchmark: str, results: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
+  """One row per (method, grid value, seed)."""
+  rows = []
+  for name, e in results.items():
+    if e.get("status") != "ok":
+      rows.append({"benchmark": benchmark, "method": name, "status": e.get("status")})
+      continue
+    for h, hp in enumerate(e["grid"]):
+      for si, seed in enumerate(seeds):
+        row = {"benchmark": benchmark, "method": name, "status": "ok", "hp_name": e["hp_name"],
+               "hp": hp, "base_lr": e.get("base_lr"), "selected": h == e["selected_index"],
+               "seed": seed}
+        for metric, grid in e["grid_metrics"].items():
+          row[metric] = grid[h][si]
+        rows.append(row)
+  return rows
