@@ -128,7 +128,8 @@ def _via_tree_map_params(
     abstract_state,
     params,
     param_sh,
-    transform_non_params=lambda _: replicated,
+    # A non-params subtree (e.g. RollbackState.scale, a tuple of per-leaf scalars) comes whole.
+    transform_non_params=lambda subtree: jax.tree.map(lambda _: replicated, subtree),
     is_leaf=_paths.is_masked_node,
   )
 
