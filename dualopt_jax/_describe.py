@@ -52,6 +52,12 @@ def describe(
     [('Dense_0/kernel', 0.01), ('head/kernel', 0.0)]
   """
   description = registered_description(tx_or_profile)
+  if description is None and isinstance(tx_or_profile, optax.GradientTransformation):
+    raise ValueError(
+      "describe: this transformation was not built by dualopt() or olor(), so its per-layer "
+      "strengths are not known; pass the LayerProfile or layer_scale you gave rollback_to / "
+      "layerwise_decay instead."
+    )
   head = description.head if description else None
   is_head = _paths.mask_callable(head)(params) if head is not None else None
   head_table = _paths.PathTable(is_head, name="head") if is_head is not None else None

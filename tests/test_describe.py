@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 import dualopt_jax as dj
@@ -54,3 +55,8 @@ def test_scratch_deep_profile_and_plain_spec(params) -> None:
   assert rows[0]["multiplier"] == 0.0 and rows[-1]["multiplier"] == 1.0
   plain = dj.describe(params, 0.5, print_fn=None)
   assert all(r["multiplier"] == 0.5 and r["fraction"] is None for r in plain)
+
+
+def test_unknown_transformation_is_rejected(params) -> None:
+  with pytest.raises(ValueError, match="not built by dualopt"):
+    dj.describe(params, optax.adamw(1e-3), print_fn=None)
