@@ -62,7 +62,7 @@ def cpu_sync(tree):
 
   XLA's CPU client has only about one thread per simulated device when the
   machine has fewer cores, and a collective needs all of them at once; work
-  still in flight can starve it (see notes/issue-3.md). GPUs/TPUs: no-op.
+  still in flight can starve it (see BUILD_NOTES.md, "Scale-out"). GPUs/TPUs: no-op.
   """
   return jax.block_until_ready(tree) if jax.default_backend() == "cpu" else tree
 

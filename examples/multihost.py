@@ -128,7 +128,7 @@ def run_process(args) -> None:
   step = make_step(model, tx, (param_sh, state_sh, NamedSharding(mesh, P())))
   for i in range(args.steps):
     params, state, loss = step(params, state, x, y)
-    if jax.default_backend() == "cpu":  # CPU: finish each collective step first (notes/issue-3.md)
+    if jax.default_backend() == "cpu":  # finish each collective step first (BUILD_NOTES.md)
       jax.block_until_ready((params, state))
     if me == 0 and (i + 1) % 5 == 0:
       print(f"[0] step {i + 1:3d} loss {float(loss):.6f}", flush=True)

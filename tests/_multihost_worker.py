@@ -146,7 +146,7 @@ def main(argv=None) -> int:
 
   step = jax.jit(step, out_shardings=(param_sh, state_sh), donate_argnums=(0, 1))
   params, state = jax.block_until_ready((params, state))
-  for _ in range(args.steps):  # one step in flight at a time (notes/issue-3.md)
+  for _ in range(args.steps):  # one step in flight at a time (BUILD_NOTES.md, "Scale-out")
     params, state = jax.block_until_ready(step(params, state, x, y))
 
   # Anchor bytes per device: the FSDP layout keeps 1/n of it on each device.

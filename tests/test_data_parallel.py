@@ -78,7 +78,7 @@ def _run(step, params, state, x, y, take=lambda t: t):
   out = {}
   params, state = jax.block_until_ready((params, state))
   for i in range(1, STEPS + 1):
-    # Inputs ready before each dispatch: see notes/issue-3.md (CPU collectives under load).
+    # Inputs ready before each dispatch: CPU collectives under load (BUILD_NOTES.md, "Scale-out").
     params, state = jax.block_until_ready(step(params, state, x, y))
     if i in (1, STEPS):
       out[i] = _np(take(params))
