@@ -134,8 +134,15 @@ def _is_tree_map_params_placeholder(tree: Any) -> bool:
 
 
 def _scales_for(layer_scale: Any, stored: tuple | None, updates: Any) -> Any:
-  """Per-leaf scales aligned with ``updates`` (MaskedNodes where ``updates`` has them)."""
-  if stored is None:
+  """Per-leaf scales aligned with ``updates`` (MaskedNodes where ``updates`` has them).
+
+  A profile whose numbers are arrays (``optax.inject_hyperparams`` injecting
+  ``power``) is re-evaluated, so a changed value takes effect.
+  """
+  injected = hasattr(layer_scale, "per_leaf_values") and any(
+    isinstance(getattr(layer_scale, f, None), jax.Array) for f in ("start", "end", "power")
+  )
+  if stored is None or injected:
     return _paths.resolve_per_leaf(layer_scale, updates, name="layer_scale")
   leaves, treedef = jax.tree.flatten(updates, is_leaf=_paths.is_masked_node)
   values = iter(stored)

@@ -497,3 +497,21 @@ def test_nonfinite_gradient_never_changes_the_anchor_without_a_guard() -> None:
     assert np.array_equal(a, b)
   for a, b in zip(jax.tree.leaves(rb_after.anchor), jax.tree.leaves(params0), strict=True):
     assert np.array_equal(a, b)
+
+
+def test_inject_hyperparams_power_changes_the_profile() -> None:
+  """The per-leaf scales live in the state, but an injected ``power`` still takes effect."""
+  params = {"layers_0": {"w": jnp.ones(2)}, "layers_1": {"w": jnp.ones(2)},
+            "layers_2": {"w": jnp.ones(2)}}
+  tx = optax.inject_hyperparams(dj.dualopt)(learning_rate=0.1, rollback=0.5, optimizer="sgd",
+                                            momentum=0.0)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  step = jax.jit(tx.update)
+  # SGD step -0.1, then the pull back by lambda = 0.5 * (1 - d)^power of the distance 0.1.
+  for power in (1.0, 2.0):
+    state.hyperparams["power"] = jnp.asarray(power)
+    updates, state = step(grads, state, params)
+    for i, block in enumerate(("layers_0", "layers_1", "layers_2")):
+      lam = 0.5 * (1 - i / 2) ** power
+      np.testing.assert_allclose(updates[block]["w"], -0.1 * (1 - lam), rtol=1e-5, err_msg=block)
