@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test,examples]"
+	$(PY) -m pip install --quiet --no-deps google-tunix==0.1.7
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -125,23 +125,14 @@ def shape_structs(spec: TreeSpec, dtype: Any = jnp.float32) -> dict[str, Any]:
   return _nest({k: jax.ShapeDtypeStruct(s, dtype) for k, s in _shapes(spec).items()})
 
 
-def prime_definition_order(tx: Any, spec: TreeSpec) -> None:
-  """Lets ``jax.eval_shape(tx.init, ...)`` work for depth profiles that need definition order.
+def forward_positions(spec: TreeSpec) -> dict[str, int]:
+  """The tree's forward order (``dj.forward_order``'s format), from the model spec itself.
 
-  ``jax.eval_shape``/``jax.jit`` hand ``init`` a key-sorted tree; ``dualopt``
-  and ``olor`` then reuse the depths cached by an eager look at the params as
-  the model created them. ``describe`` on ``np.empty`` leaves (no memory
-  touched) does that look for any size.
+  ``_shapes`` lists the leaves input to output (embedding, then per block the
+  norm, attention, norm and MLP tensors); the names alone do not fix the
+  order inside a block, which ``granularity="tensor"`` (``olor``) needs.
   """
-  try:
-    from dualopt_jax._describe import describe
-    from dualopt_jax._dualopt import registered_description
-  except ImportError:
-    return
-  if registered_description(tx) is None:
-    return
-  flat = {k: np.empty(shape, np.float32) for k, shape in _shapes(spec).items()}
-  describe(_nest(flat), tx, print_fn=None)
+  return {f"params/{path}": i for i, path in enumerate(_shapes(spec))}
 
 
 def tree_bytes(tree: Any) -> int:
@@ -165,7 +156,7 @@ class Method:
   """An optimizer under test and the bytes per f32 parameter its step must move at least."""
 
   name: str
-  make: Any  # () -> optax.GradientTransformation
+  make: Any  # (TreeSpec) -> optax.GradientTransformation for that tree
   ideal_bytes: float  # per parameter: reads + writes of params, grads, state
   note: str = ""
 
@@ -212,41 +203,44 @@ def _chain_scratch():
 def available_methods() -> tuple[dict[str, Method], list[str]]:
   """All methods whose modules exist, and notes about the ones that do not."""
   notes = []
-  methods = {"adamw": Method("adamw", _adamw, 28.0, "optax.adamw")}
+  methods = {"adamw": Method("adamw", lambda _spec: _adamw(), 28.0, "optax.adamw")}
   try:
     from dualopt_jax._dualopt import dualopt, olor
   except ImportError as e:
     notes.append(f"dualopt_jax._dualopt not importable ({e}); dualopt/olor rows skipped")
   else:
     methods["dualopt_ft"] = Method(
-      "dualopt_ft", lambda: dualopt(LR, mode="finetune"), 32.0, "f32 anchor"
+      "dualopt_ft", lambda _spec: dualopt(LR, mode="finetune"), 32.0, "f32 anchor"
     )
     methods["dualopt_ft_bf16"] = Method(
       "dualopt_ft_bf16",
-      lambda: dualopt(LR, mode="finetune", anchor_dtype=jnp.bfloat16),
+      lambda _spec: dualopt(LR, mode="finetune", anchor_dtype=jnp.bfloat16),
       30.0,
       "bf16 anchor",
     )
     methods["dualopt_scratch"] = Method(
-      "dualopt_scratch", lambda: dualopt(LR, mode="scratch"), 28.0, "anchor 0"
+      "dualopt_scratch", lambda _spec: dualopt(LR, mode="scratch"), 28.0, "anchor 0"
     )
-    methods["olor"] = Method("olor", lambda: olor(LR), 32.0, "f32 anchor")
+    methods["olor"] = Method(
+      "olor", lambda spec: olor(LR, order=forward_positions(spec)), 32.0, "f32 anchor"
+    )
   try:
     from dualopt_jax import _spd
   except ImportError as e:
     notes.append(f"dualopt_jax._spd not importable ({e}); spd row skipped")
   else:
     methods["spd"] = Method(
-      "spd", lambda: _spd_factory(_spd), 32.0, "one-pass bound; per-tensor norms need 2 passes"
+      "spd", lambda _spec: _spd_factory(_spd), 32.0,
+      "one-pass bound; per-tensor norms need 2 passes",
     )
   methods["chain_ft"] = Method(
-    "chain_ft", lambda: _chain_finetune(), 32.0, "adam+lr+rollback_to chain"
+    "chain_ft", lambda _spec: _chain_finetune(), 32.0, "adam+lr+rollback_to chain"
   )
   methods["chain_ft_bf16"] = Method(
-    "chain_ft_bf16", lambda: _chain_finetune(jnp.bfloat16), 30.0, "chain, bf16 anchor"
+    "chain_ft_bf16", lambda _spec: _chain_finetune(jnp.bfloat16), 30.0, "chain, bf16 anchor"
   )
   methods["chain_scratch"] = Method(
-    "chain_scratch", _chain_scratch, 28.0, "adam+lr+layerwise_decay chain"
+    "chain_scratch", lambda _spec: _chain_scratch(), 28.0, "adam+lr+layerwise_decay chain"
   )
   return methods, notes
 

@@ -59,8 +59,7 @@ def _sizes() -> dict[str, _trees.TreeSpec]:
 def analyse(spec: _trees.TreeSpec, method: _trees.Method) -> dict[str, Any]:
   params = _trees.shape_structs(spec)
   n = spec.n_params
-  tx = method.make()
-  _trees.prime_definition_order(tx, spec)
+  tx = method.make(spec)
   state = jax.eval_shape(tx.init, params)
   leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "shape")]
   state_bytes = _trees.tree_bytes(state)

@@ -77,15 +77,8 @@ def copy_bandwidth(n_elems: int, *, reps: int = 7) -> float:
 
 
 def _fresh(tree: Any) -> Any:
-  """A copy of a nested-dict params tree that keeps the dicts' (definition) order.
-
-  ``jax.tree.map`` would rebuild the dicts in sorted key order, and depth
-  profiles with ``granularity="tensor"`` (``olor``) need the definition order
-  at ``init``.
-  """
-  if isinstance(tree, dict):
-    return {k: _fresh(v) for k, v in tree.items()}
-  return jnp.array(tree, copy=True)
+  """A copy of the params (the donated step consumes its inputs)."""
+  return jax.tree.map(jnp.copy, tree)
 
 
 def bench_size(
@@ -113,7 +106,7 @@ def bench_size(
   # Same working set as adamw's step (params, grads, two moments): same cache level. Capped at
   # 2^30 elements (4 GiB), far beyond any cache, so that 1.27B params do not need a 20 GB buffer.
   copy_bw = copy_bandwidth(min(4 * n, 2**30))
-  txs = {m.name: m.make() for m in methods}
+  txs = {m.name: m.make(spec) for m in methods}
   steps = {
     m.name: jax.jit(_trees.make_step(txs[m.name]), donate_argnums=(0, 1)) for m in methods
   }

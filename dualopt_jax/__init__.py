@@ -5,6 +5,7 @@ from dualopt_jax._describe import describe
 from dualopt_jax._drift import anchor_from_state, drift
 from dualopt_jax._dualopt import dualopt, olor
 from dualopt_jax._fixnorm import FixNormState, fix_norm
+from dualopt_jax._forward import forward_order
 from dualopt_jax._l2sp import L2SPState, add_l2sp_gradient, decay_to_anchor, l2sp
 from dualopt_jax._lr_decay import (
   LayerwiseLRDecayState,
@@ -13,7 +14,7 @@ from dualopt_jax._lr_decay import (
   lr_decay_exponents,
 )
 from dualopt_jax._paths import path_filter
-from dualopt_jax._profile import LayerProfile
+from dualopt_jax._profile import LayerProfile, LayerScaleState
 from dualopt_jax._projection import ProjectionState, project_to_anchor
 from dualopt_jax._rollback import (
   LayerwiseDecayState,
@@ -30,6 +31,7 @@ __all__ = [
   "FixNormState",
   "L2SPState",
   "LayerProfile",
+  "LayerScaleState",
   "LayerwiseDecayState",
   "LayerwiseLRDecayState",
   "ProjectionState",
@@ -44,6 +46,7 @@ __all__ = [
   "drift",
   "dualopt",
   "fix_norm",
+  "forward_order",
   "fsdp_shardings",
   "init_sharded",
   "l2sp",

@@ -1,16 +1,250 @@
-"""``describe``: the per-layer table a user checks before training."""
+"""``describe``: per-layer depths and the strengths the next update applies, read from the state."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dualopt_jax import _depths, _paths
-from dualopt_jax._dualopt import registered_description
-from dualopt_jax._profile import LayerProfile
+from dualopt_jax import _paths, _profile
+from dualopt_jax._lr_decay import LayerwiseLRDecayState
+from dualopt_jax._projection import ProjectionState
+from dualopt_jax._rollback import LayerwiseDecayState, RollbackState
+
+KINDS = ("rollback", "decay", "radius", "lr_scale")
+_STATES = (RollbackState, LayerwiseDecayState, ProjectionState, LayerwiseLRDecayState)
+
+
+@dataclass(frozen=True)
+class Strength:
+  """What one transformation's state says about the next update.
+
+  ``values`` maps canonical paths to the per-step value (rollback/decay
+  fraction, projection radius, lr scale) of every leaf the transformation
+  covers; ``multipliers`` and ``depths`` the layer-scale multipliers and
+  depths where the state holds them.
+  """
+
+  kind: str
+  values: dict[_paths.Path, Any]
+  multipliers: dict[_paths.Path, Any]
+  depths: dict[_paths.Path, Any]
+  covers_all: bool  # the state does not say which leaves it covers: every present one
+
+
+def _unwrapped(tree: Any) -> Any:
+  """NNX ``Variable`` s (``nnx.Optimizer``'s opt_state) replaced by their values."""
+  return jax.tree.map(
+    lambda x: x.get_value() if _paths.is_variable(x) else x, tree, is_leaf=_paths.is_variable
+  )
+
+
+def find_states(opt_state: Any, types: tuple[type, ...] = _STATES) -> Iterator[tuple[Any, bool]]:
+  """Every state of ``types`` inside ``opt_state`` (any pytree of wrappers), and whether it
+  sits under an ``optax.masked``/``optax.partition``."""
+
+  def walk(node: Any, masked: bool) -> Iterator[tuple[Any, bool]]:
+    if isinstance(node, types):
+      yield node, masked
+      return
+    masked = masked or isinstance(node, (optax.MaskedState, optax.transforms.PartitionState))
+    children = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)[0]
+    if not (len(children) == 1 and children[0] is node):
+      for child in children:
+        yield from walk(child, masked)
+
+  yield from walk(_unwrapped(opt_state), False)
+
+
+def _table(tree: Any) -> dict[_paths.Path, Any]:
+  return {_paths.canonical(p): x for p, x in _paths.present_leaves(tree)}
+
+
+def strengths(opt_state: Any) -> list[Strength]:
+  """What every known state inside ``opt_state`` applies on the next update (traceable)."""
+  out = []
+  for state, masked in find_states(opt_state):
+    if isinstance(state, (RollbackState, LayerwiseDecayState)):
+      out.append(_pull_strength(state, masked))
+    elif isinstance(state, ProjectionState):
+      out.append(_projection_strength(state))
+    else:
+      exps = _table(state.exponent)
+      decay = jnp.asarray(state.decay, jnp.float32)
+      values = {p: jnp.power(decay, jnp.asarray(e, jnp.float32)) for p, e in exps.items()}
+      out.append(Strength("lr_scale", values, {}, {}, False))
+  return out
+
+
+def _pull_strength(state: Any, masked: bool) -> Strength:
+  kind = "rollback" if isinstance(state, RollbackState) else "decay"
+  scale = state.layer_scale
+  stored = _profile.stored_multipliers(scale)
+  depths = _profile.stored_depths(scale)
+  rate = jnp.asarray(state.rate, jnp.float32)
+  covers_all = False
+  if stored is not None:
+    multipliers = _table(stored)
+  elif isinstance(state, RollbackState):  # a scalar scale: the anchor says which leaves
+    multipliers = {p: scale.start for p in _table(state.anchor)}
+  elif masked:  # a scalar decay under a mask: the state does not say which leaves
+    multipliers = {}
+  else:
+    multipliers, covers_all = {"*": scale.start}, True
+  values = {p: rate * m for p, m in multipliers.items()}
+  return Strength(kind, values, multipliers, _table(depths) if depths is not None else {},
+                  covers_all)
+
+
+def _projection_strength(state: ProjectionState) -> Strength:
+  stored = _profile.stored_multipliers(state.layer_scale)
+  radius = jnp.asarray(state.radius, jnp.float32)
+  if stored is not None:
+    multipliers = _table(stored)
+  else:
+    multipliers = {p: state.layer_scale.start for p in _table(state.anchor)}
+  values = {p: radius * m for p, m in multipliers.items()}
+  depths = _profile.stored_depths(state.layer_scale)
+  return Strength("radius", values, multipliers, _table(depths) if depths is not None else {},
+                  False)
+
+
+def _value_for(strength: Strength, table: str, path: _paths.Path) -> Any:
+  values = getattr(strength, table)
+  if "*" in values:
+    return values["*"]
+  return values.get(_paths.canonical(path))
+
+
+class LayerTable(list):
+  """The rows :func:`describe` returns; ``str()`` formats them as a table."""
+
+  def __str__(self) -> str:
+    return format_table(list(self))
+
+
+def _concrete(value: Any) -> Any:
+  if value is None:
+    return None
+  arr = np.asarray(value, np.float64)
+  return float(arr) if arr.ndim == 0 else arr.ravel()
+
+
+def describe(
+  params: Any,
+  source: Any,
+  *,
+  print_fn: Callable[[str], None] | None = None,
+) -> LayerTable:
+  """Per-parameter table: depth, multiplier and what the next update applies.
+
+  Reads the optimizer state: every :func:`~dualopt_jax.rollback_to`,
+  :func:`~dualopt_jax.layerwise_decay` (and so :func:`~dualopt_jax.dualopt`,
+  :func:`~dualopt_jax.olor`), :func:`~dualopt_jax.project_to_anchor` and
+  :func:`~dualopt_jax.layerwise_lr_decay` state inside any Optax wrapper
+  (``chain``, ``named_chain``, ``inject_hyperparams``, ``MultiSteps``,
+  ``apply_if_finite``, ``masked``, ``partition``, ``nnx.Optimizer``'s
+  ``opt_state``), also after an Orbax restore in a fresh process.
+
+  Args:
+    params: the model's parameters (any wrapping); one row per leaf.
+    source: an optimizer state; a ``GradientTransformation`` (its
+      ``init(params)`` is described, which allocates the state); or a
+      :class:`~dualopt_jax.LayerProfile` (depths and multipliers only).
+    print_fn: where to print the table (e.g. ``print``); by default nothing
+      is printed and ``str(table)`` gives the text.
+
+  Returns:
+    A :class:`LayerTable` (a list) of dicts, ordered by depth then path, with
+    keys ``path``, ``shape``, ``depth`` (``None`` where the state holds no
+    depth, e.g. the head), ``multiplier`` (the layer-scale multiplier) and one
+    key per transformation kind present -- ``rollback`` and ``decay`` (the
+    fraction of the way to the anchor / to 0 of the next update), ``radius``
+    (the projection radius), ``lr_scale`` (the layer-wise lr factor) --
+    ``None`` for leaves the transformation does not touch.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dualopt_jax as dj
+    >>> params = {'Dense_0': {'kernel': jnp.ones((2, 2))}, 'Dense_1': {'kernel': jnp.ones((2, 2))},
+    ...           'head': {'kernel': jnp.ones((2, 1))}}
+    >>> tx = dj.dualopt(1e-3, rollback=0.01, head='head')
+    >>> table = dj.describe(params, tx.init(params))
+    >>> print(table)
+    path            shape  depth  multiplier  rollback/step
+    --------------  -----  -----  ----------  -------------
+    Dense_0/kernel  2x2    0      1           0.01
+    Dense_1/kernel  2x2    1      0           0
+    head/kernel     2x1    -      -           -
+  """
+  if isinstance(source, _profile.LayerProfile):
+    rows = _profile_rows(params, source)
+    kinds: tuple[str, ...] = ()
+  else:
+    if isinstance(source, optax.GradientTransformation):
+      source = source.init(params)
+    found = strengths(source)
+    if not found:
+      raise ValueError(
+        "describe: the optimizer state holds no rollback_to / layerwise_decay / "
+        "project_to_anchor / layerwise_lr_decay state (dualopt and olor hold one)."
+      )
+    kinds = tuple(k for k in KINDS if any(s.kind == k for s in found))
+    rows = _state_rows(params, found, kinds)
+  rows.sort(key=lambda r: (np.inf if r["depth"] is None else float(np.min(r["depth"])), r["path"]))
+  table = LayerTable(rows)
+  if print_fn is not None:
+    print_fn(format_table(table, kinds=kinds))
+  return table
+
+
+def _profile_rows(params: Any, profile: _profile.LayerProfile) -> list[dict[str, Any]]:
+  depths = profile.depths(params)
+  return [
+    {
+      "path": _paths.path_str(path),
+      "shape": tuple(np.shape(leaf)),
+      "depth": _concrete(depths[path]),
+      "multiplier": _concrete(profile.multiplier(depths[path])),
+    }
+    for path, leaf in _paths.present_leaves(params)
+  ]
+
+
+def _state_rows(params: Any, found: list[Strength], kinds: tuple[str, ...]) -> list[dict]:
+  rows = []
+  for path, leaf in _paths.present_leaves(params):
+    row: dict[str, Any] = {"path": _paths.path_str(path), "shape": tuple(np.shape(leaf)),
+                           "depth": None, "multiplier": None}
+    row.update({k: None for k in kinds})
+    for strength in found:
+      value = _value_for(strength, "values", path)
+      if value is None:
+        continue
+      row[strength.kind] = _combine(strength.kind, row[strength.kind], _concrete(value))
+      if strength.kind in ("rollback", "decay", "radius"):
+        row["multiplier"] = _concrete(_value_for(strength, "multipliers", path))
+        depth = strength.depths.get(_paths.canonical(path))
+        if depth is not None:
+          row["depth"] = _concrete(depth)
+    rows.append(row)
+  return rows
+
+
+def _combine(kind: str, old: Any, new: Any) -> Any:
+  """Two transformations of one kind on a leaf: pulls compose, lr scales multiply."""
+  if old is None:
+    return new
+  if kind in ("rollback", "decay"):
+    return 1.0 - (1.0 - np.asarray(old)) * (1.0 - np.asarray(new))
+  if kind == "lr_scale":
+    return np.asarray(old) * np.asarray(new)
+  return np.minimum(old, new)
 
 
 def _fmt(value: Any) -> str:
@@ -22,107 +256,26 @@ def _fmt(value: Any) -> str:
   return f"{arr[0]:.3g}..{arr[-1]:.3g} ({arr.size})"
 
 
-def describe(
-  params: Any,
-  tx_or_profile: Any,
-  *,
-  print_fn: Callable[[str], None] | None = print,
-) -> list[dict[str, Any]]:
-  """Per-parameter table: path, shape, depth, multiplier and per-step fraction.
-
-  Args:
-    params: the model's parameters as created (definition order matters for
-      ``granularity="tensor"``).
-    tx_or_profile: a transformation returned by :func:`~dualopt_jax.dualopt` or
-      :func:`~dualopt_jax.olor`, a :class:`~dualopt_jax.LayerProfile`, or any
-      ``layer_scale`` spec (scalar, pytree, ``(path, leaf)`` callable).
-    print_fn: where to print the table (``None`` prints nothing).
-
-  Returns:
-    One dict per parameter, in definition order, with keys ``path``,
-    ``shape``, ``depth``, ``multiplier`` and ``fraction`` (the per-step
-    fraction at the peak learning rate, where known; 0 for ``head``).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import dualopt_jax as dj
-    >>> params = {'Dense_0': {'kernel': jnp.ones((2, 2))}, 'head': {'kernel': jnp.ones((2, 1))}}
-    >>> rows = dj.describe(params, dj.dualopt(1e-3, head='head'), print_fn=None)
-    >>> [(r['path'], r['fraction']) for r in rows]
-    [('Dense_0/kernel', 0.01), ('head/kernel', 0.0)]
-  """
-  description = registered_description(tx_or_profile)
-  if description is None and isinstance(tx_or_profile, optax.GradientTransformation):
-    raise ValueError(
-      "describe: this transformation was not built by dualopt() or olor(), so its per-layer "
-      "strengths are not known; pass the LayerProfile or layer_scale you gave rollback_to / "
-      "layerwise_decay instead."
-    )
-  head = description.head if description else None
-  is_head = _paths.mask_callable(head)(params) if head is not None else None
-  head_table = _paths.PathTable(is_head, name="head") if is_head is not None else None
-  body = params
-  if head_table is not None:  # the head is left out of the profile, as optax.masked does
-    body = _paths.map_with_path(
-      lambda p, x: optax.MaskedNode() if head_table.get(p) else x, params
-    )
-
-  profile = description.profile if description else tx_or_profile
-  if isinstance(profile, LayerProfile):
-    with _paths.order_hint(params):
-      table = profile.depth_table(body, at_init=True)
-    multipliers = {_paths.path_str(p): profile.multiplier(d) for p, d in table.items()}
-    depths = {_paths.path_str(p): d for p, d in table.items()}
-  else:
-    values = _paths.resolve_per_leaf(profile, params, name="layer_scale", at_init=True)
-    multipliers = {_paths.path_str(p): v for p, v in _paths.leaves_with_paths(values)}
-    try:
-      depths = {
-        _paths.path_str(p): d
-        for p, d in _depths.depth_table(params).items()
-      }
-    except ValueError:
-      depths = {}
-  fraction_scale = description.peak_fraction if description else None
-
-  rows = []
-  for path, leaf in _paths.definition_order(params):
-    key = _paths.path_str(path)
-    head_leaf = head_table is not None and bool(head_table.get(path))
-    multiplier = 0.0 if head_leaf else multipliers.get(key)
-    fraction = None
-    if multiplier is not None and fraction_scale is not None:
-      fraction = np.asarray(multiplier, np.float64) * float(fraction_scale)
-      fraction = float(fraction) if fraction.ndim == 0 else fraction
-    rows.append(
-      {
-        "path": key,
-        "shape": tuple(np.shape(leaf)),
-        "depth": None if head_leaf else depths.get(key),
-        "multiplier": multiplier,
-        "fraction": fraction,
-        "head": head_leaf,
-      }
-    )
-  if print_fn is not None:
-    print_fn(format_table(rows, kind=description.kind if description else "scale"))
-  return rows
-
-
-def format_table(rows: list[dict[str, Any]], *, kind: str = "scale") -> str:
-  header = ("path", "shape", "depth", "multiplier", f"{kind}/step @peak")
+def format_table(rows: list[dict[str, Any]], *, kinds: tuple[str, ...] | None = None) -> str:
+  """The rows of :func:`describe` as aligned text."""
+  if kinds is None:
+    kinds = tuple(k for k in KINDS if rows and k in rows[0])
+  header = ("path", "shape", "depth", "multiplier", *(f"{k}/step" if k in ("rollback", "decay")
+                                                      else k for k in kinds))
   lines = [
     (
-      r["path"] + ("  [head]" if r["head"] else ""),
+      r["path"],
       "x".join(map(str, r["shape"])) or "()",
       _fmt(r["depth"]),
       _fmt(r["multiplier"]),
-      _fmt(r["fraction"]),
+      *(_fmt(r.get(k)) for k in kinds),
     )
     for r in rows
   ]
   widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-  out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+  out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
   out.append("  ".join("-" * w for w in widths))
-  out.extend("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
+  out.extend(
+    "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+  )
   return "\n".join(out)

@@ -2,62 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from dualopt_jax import _depths, _paths, _tree_norms
+from dualopt_jax import _depths, _describe, _paths, _tree_norms
+from dualopt_jax._l2sp import L2SPState
+from dualopt_jax._projection import ProjectionState
+from dualopt_jax._rollback import RollbackState
+from dualopt_jax._spd import SPDState
 
 _PER = ("tensor", "block")
-
-
-def _walk_states(state: Any):
-  """Yields every NamedTuple in an optimizer state (chain tuples, masked/inject wrappers)."""
-  if isinstance(state, tuple) and hasattr(state, "_fields"):
-    yield state
-    for field in state:
-      yield from _walk_states(field)
-  elif isinstance(state, (tuple, list)):
-    for item in state:
-      yield from _walk_states(item)
-  elif isinstance(state, dict):
-    for item in state.values():
-      yield from _walk_states(item)
-  elif hasattr(state, "inner_state"):  # e.g. non-tuple wrappers
-    yield from _walk_states(state.inner_state)
+_ANCHORED = (RollbackState, SPDState, L2SPState, ProjectionState)
 
 
 def anchor_from_state(opt_state: Any) -> Any:
   """The anchor kept by the first anchored transformation in ``opt_state``.
 
-  Looks for a state with an ``anchor`` field (``rollback_to``, ``dualopt``'s
-  fine-tune mode, ``spd``, ``add_l2sp_gradient``/``decay_to_anchor``,
-  ``project_to_anchor``). Raises ``ValueError`` when there is none.
+  Looks inside any Optax wrapper for a ``rollback_to`` (``dualopt``'s
+  fine-tune mode, ``olor``), ``spd``, ``add_l2sp_gradient``/``decay_to_anchor``
+  or ``project_to_anchor`` state. Raises ``ValueError`` when there is none.
   """
-  for s in _walk_states(opt_state):
-    if "anchor" in s._fields and "count" in s._fields:
-      return s.anchor
+  for state, _ in _describe.find_states(opt_state, _ANCHORED):
+    return state.anchor
   raise ValueError(
     "drift: params0 is None and opt_state holds no anchor (no rollback_to / dualopt "
     "fine-tune / spd / l2sp / project_to_anchor state); pass params0."
   )
-
-
-def count_from_state(opt_state: Any) -> Any:
-  """The step count of the first rollback/decay state in ``opt_state`` (else the first count)."""
-  first = None
-  for s in _walk_states(opt_state):
-    if "count" not in s._fields:
-      continue
-    if type(s).__name__ in ("RollbackState", "LayerwiseDecayState"):
-      return s.count
-    if first is None:
-      first = s.count
-  if first is None:
-    raise ValueError("drift: opt_state holds no step count.")
-  return first
 
 
 def _block_groups(
@@ -101,13 +74,12 @@ def _common_prefix(paths: list[_paths.Path]) -> _paths.Path:
 
 def drift(
   params: Any,
-  params0: Any = None,
-  *,
-  per: str | Callable[[_paths.Path], str] = "tensor",
   opt_state: Any = None,
-  tx: Any = None,
+  *,
+  params0: Any = None,
+  per: str | Callable[[_paths.Path], str] = "tensor",
   stacked: Any = None,
-  order: Sequence[str] | None = None,
+  order: Any = None,
   eps: float = 1e-12,
 ) -> dict[str, Any]:
   r"""Per-layer relative drift :math:`\lVert\theta - \theta_0\rVert / \lVert\theta_0\rVert`.
@@ -125,25 +97,25 @@ def drift(
     ``layer_depths``) give a vector, one value per layer.
   * ``per=callable(path) -> name``: pool by your own grouping.
 
-  With ``tx`` a :func:`~dualopt_jax.dualopt` / ``olor`` transformation and
-  ``opt_state`` its state, also returns ``"strength/<name>"``: the current
-  per-step rollback (fine-tune) or decay (scratch) fraction of each
-  parameter, its multiplier times ``rate(count)`` (the head gets 0).
+  With ``opt_state``, also returns what its rollback / decay / projection /
+  lr-decay states (inside any Optax wrapper) apply on the next update, per
+  parameter: ``"rollback/<path>"`` and ``"decay/<path>"`` (the fraction of
+  the way to the anchor / to 0), ``"radius/<path>"``, ``"lr_scale/<path>"``.
+  Leaves a transformation does not touch (the head) are left out.
 
   Args:
     params: the current parameters (any wrapping).
+    opt_state: the optimizer state (for the anchor and the strengths).
     params0: the anchor; ``None`` takes it from ``opt_state`` (the first
       state holding an ``anchor``); leaves with no anchor there (a masked-out
       head, a zero anchor) are left out.
     per: ``"tensor"``, ``"block"`` or a grouping callable.
-    opt_state: the optimizer state (for the anchor and the step count).
-    tx: the transformation, to report its strength.
     stacked: leaves stacking layers on axis 0 for ``per="tensor"`` (``None``,
       ``"auto"``, ``True``, glob patterns, callable or pytree of bools); for
       ``per="block"`` glob patterns as in ``layer_depths`` (``None`` or
       ``"auto"``: its automatic detection).
-    order: glob patterns input to output, for ``per="block"`` models the
-      depth rules don't fit (see ``layer_depths``).
+    order: the forward order or glob patterns, input to output, for
+      ``per="block"`` (see ``layer_depths``).
     eps: added to the denominator (a zero anchor tensor gives
       :math:`\lVert\theta\rVert / \epsilon`).
 
@@ -154,7 +126,7 @@ def drift(
     >>> import jax.numpy as jnp
     >>> from dualopt_jax._drift import drift
     >>> p0 = {'w': jnp.array([3.0, 4.0])}
-    >>> drift({'w': jnp.array([3.0, 4.5])}, p0)
+    >>> drift({'w': jnp.array([3.0, 4.5])}, params0=p0)
     {'drift/w': Array(0.1, dtype=float32)}
   """
   if not callable(per) and per not in _PER:
@@ -207,37 +179,18 @@ def drift(
     for name, (num, den) in pooled.items():
       out["drift/" + name] = jnp.sqrt(num) / (jnp.sqrt(den) + eps)
 
-  if tx is not None:
-    out.update(_strengths(params, tx, opt_state))
+  if opt_state is not None:
+    out.update(_strengths(params, opt_state))
   return out
 
 
-def _strengths(params: Any, tx: Any, opt_state: Any) -> dict[str, Any]:
-  from dualopt_jax import _describe, _dualopt
-
-  description = _dualopt.registered_description(tx)
-  if description is None:
-    raise ValueError(
-      "drift: tx is not a transformation built by dualopt()/olor(), so its strength is not "
-      "known; leave tx out."
-    )
-  rows = _describe.describe(params, tx, print_fn=None)
-  rate = getattr(description, "rate", None)
+def _strengths(params: Any, opt_state: Any) -> dict[str, Any]:
   out = {}
-  for row in rows:
-    if rate is not None and row["multiplier"] is not None:
-      if callable(rate):
-        if opt_state is None:
-          raise ValueError("drift: pass opt_state with tx to evaluate the rate schedule.")
-        current = rate(count_from_state(opt_state))
-      else:
-        current = rate
-      value = jnp.asarray(row["multiplier"], jnp.float32) * jnp.asarray(current, jnp.float32)
-      key = "strength/"
-    elif row["fraction"] is not None:
-      value = jnp.asarray(row["fraction"], jnp.float32)
-      key = "strength_at_peak/"
-    else:
-      continue
-    out[key + row["path"]] = jnp.ravel(value) if value.ndim else value
+  paths = [p for p, x in _paths.present_leaves(params) if _paths.is_float_leaf(x)]
+  for strength in _describe.strengths(opt_state):
+    for path in paths:
+      value = strength.values.get("*", strength.values.get(_paths.canonical(path)))
+      if value is not None:
+        value = jnp.asarray(value, jnp.float32)
+        out[f"{strength.kind}/{_paths.path_str(path)}"] = jnp.ravel(value) if value.ndim else value
   return out

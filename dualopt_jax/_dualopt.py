@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import jax
@@ -22,25 +20,6 @@ DECAY_PROFILES = ("shallow", "deep", "flat")
 DEFAULT_WEIGHT_DECAY = 3e-3
 DEFAULT_DECAY_PROFILE = "shallow"
 DEFAULT_DECAY_FOLLOWS_LR = True
-
-
-@dataclass(frozen=True)
-class _Description:
-  """What :func:`~dualopt_jax.describe` shows for a transformation built here."""
-
-  kind: str  # "rollback" or "decay"
-  profile: LayerProfile
-  peak_fraction: float | None  # per-step fraction at peak lr for multiplier 1
-  head: Any
-  rate: optax.ScalarOrSchedule | None = None  # the rate given to rollback_to/layerwise_decay
-
-
-_DESCRIPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def registered_description(tx: Any) -> _Description | None:
-  init = getattr(tx, "init", None)
-  return _DESCRIPTIONS.get(init) if init is not None else None
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -87,10 +66,11 @@ def _check_fraction(name: str, value: Any) -> None:
     )
 
 
-def _not_head(head: Any) -> Callable[[Any], Any] | None:
+def not_head(head: Any, *, name: str) -> Callable[[Any], Any] | None:
+  """The mask of the parameters that are not ``head`` (None when there is no head)."""
   if head is None:
     return None
-  selects_head = _paths.mask_callable(head)
+  selects_head = _paths.mask_callable(head, name=name)
   return lambda tree: jax.tree.map(lambda is_head: not is_head, selects_head(tree))
 
 
@@ -103,7 +83,7 @@ def dualopt(
   weight_decay: float = DEFAULT_WEIGHT_DECAY,
   power: float = 1.0,
   granularity: Literal["block", "tensor"] = "block",
-  order: Sequence[str] | None = None,
+  order: Any = None,
   stacked: str | Sequence[str] | None = None,
   head: Any = None,
   optimizer: Literal["adam", "sgd"] = "adam",
@@ -159,11 +139,13 @@ def dualopt(
     power: exponent of the depth profile (1 linear, 2 quadratic).
     granularity: ``"block"`` (one depth per block, parsed from paths) or
       ``"tensor"`` (one per tensor in definition order, as OLOR's code does).
-    order: glob patterns input to output, for models the depth rules don't fit.
+    order: the model's forward order, from :func:`~dualopt_jax.forward_order`,
+      or glob patterns input to output, for models whose names do not say
+      the order (see ``layer_depths``).
     stacked: glob patterns of stacked-layer subtrees (see ``layer_depths``).
-    head: the newly initialised parameters (pytree of bools, callable
-      ``params -> bools`` or glob patterns such as ``"head"``): no rollback or
-      decay, and not counted in the depth profile.
+    head: the newly initialised parameters (glob patterns such as
+      ``"head"``, a pytree of bools or a callable ``params -> bools``): no
+      rollback or decay, and not counted in the depth profile.
     optimizer: ``"adam"`` or ``"sgd"`` (heavy-ball momentum, the 2023 OLOR SGD
       form).
     b1, b2, eps: Adam's parameters.
@@ -198,14 +180,13 @@ def dualopt(
   _check_choice("granularity", granularity, ("block", "tensor"))
   base = _base_optimizer(optimizer, learning_rate, b1=b1, b2=b2, eps=eps, momentum=momentum)
   order_t, stacked_t = as_tuple(order), as_tuple(stacked)
-  mask = _not_head(head)
+  mask = not_head(head, name="dualopt: head")
   if mode == "finetune":
     _check_fraction("rollback", rollback)
     _check_fraction("rollback_floor", rollback_floor)
     profile = LayerProfile(1.0, rollback_floor, power, granularity, order_t, stacked_t)
     rate = _following_lr(rollback, learning_rate, peak_learning_rate, name="rollback")
     pull = rollback_to(rate=rate, layer_scale=profile, mask=mask, anchor_dtype=anchor_dtype)
-    kind, fraction, pull_rate = "rollback", rollback, rate
   else:
     _check_fraction("weight_decay", weight_decay)
     _check_choice("decay_profile", decay_profile, DECAY_PROFILES)
@@ -218,12 +199,7 @@ def dualopt(
       else weight_decay
     )
     pull = layerwise_decay(rate=rate, layer_scale=profile, mask=mask)
-    kind, fraction, pull_rate = "decay", weight_decay, rate
-  tx = optax.chain(base, pull)
-  _DESCRIPTIONS[tx.init] = _Description(
-    kind, profile, _concrete_float(fraction), head, pull_rate
-  )
-  return tx
+  return optax.chain(base, pull)
 
 
 def olor(
@@ -238,6 +214,8 @@ def olor(
   optimizer: Literal["adam", "sgd"] = "adam",
   momentum: float = 0.9,
   head: Any = None,
+  order: Any = None,
+  stacked: str | Sequence[str] | None = None,
   anchor_dtype: Any = None,
 ) -> optax.GradientTransformation:
   r"""OLOR with the authors' AdamB constructor semantics.
@@ -247,8 +225,11 @@ def olor(
     \theta_t = \hat\theta_t - \eta_t\kappa_i(\hat\theta_t - \theta_0), \quad
     \kappa_i = \kappa_{min} + (1 - i/N)^{\gamma}(\kappa_{max} - \kappa_{min})
 
-  with one index :math:`i = 0..N` per parameter tensor in the order the model
-  defined them (kernel before bias), :math:`\theta_0` the params at ``init``.
+  with one index :math:`i = 0..N` per parameter tensor in forward order
+  (kernel before bias; one index per slice of a stacked tensor),
+  :math:`\theta_0` the params at ``init``. Where the names do not fix the
+  order of the tensors (most transformer blocks: the norm, attention and MLP
+  inside a block), pass ``order=dj.forward_order(...)``; the error says so.
   The rollback is multiplied by the learning rate itself, so ``back_level_max``
   is not a fraction: the reference pipeline uses ``0.01 / peak_lr`` with
   ``back_pow=1``; the class defaults (1.0, 2.0) are 100x weaker at lr 1e-4.
@@ -267,6 +248,9 @@ def olor(
     optimizer: ``"adam"`` (AdamB) or ``"sgd"``.
     momentum: SGD's momentum.
     head: parameters excluded from the rollback (plain optimizer step).
+    order: the model's forward order (:func:`~dualopt_jax.forward_order`) or
+      glob patterns, input to output (see ``layer_depths``).
+    stacked: glob patterns of stacked-layer subtrees.
     anchor_dtype: store the anchor at this dtype.
 
   Returns:
@@ -282,11 +266,11 @@ def olor(
     Huang, Li et al., "One Step Learning, One Step Review", AAAI 2024.
   """
   base = _base_optimizer(optimizer, learning_rate, b1=b1, b2=b2, eps=eps, momentum=momentum)
-  profile = LayerProfile(back_level_max, back_level_min, back_pow, "tensor")
-  pull = rollback_to(
-    rate=learning_rate, layer_scale=profile, mask=_not_head(head), anchor_dtype=anchor_dtype
+  profile = LayerProfile(
+    back_level_max, back_level_min, back_pow, "tensor", as_tuple(order), as_tuple(stacked)
   )
-  tx = optax.chain(base, pull)
-  lr0 = None if callable(learning_rate) else _concrete_float(learning_rate)
-  _DESCRIPTIONS[tx.init] = _Description("rollback", profile, lr0, head, learning_rate)
-  return tx
+  pull = rollback_to(
+    rate=learning_rate, layer_scale=profile, mask=not_head(head, name="olor: head"),
+    anchor_dtype=anchor_dtype,
+  )
+  return optax.chain(base, pull)

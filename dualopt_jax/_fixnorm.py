@@ -146,7 +146,9 @@ def fix_norm(
       if kind != "n":
         axes(path, x, st, kind)  # validates classifier axes early
         return optax.MaskedNode()
-      n = _tree_norms.norm_keepdims(jnp.asarray(x), axes(path, x, st, kind))
+      n = _paths.on_value(
+        lambda v: _tree_norms.norm_keepdims(jnp.asarray(v), axes(path, x, st, kind)), x
+      )
       if norm == "initial":
         return n
       return jnp.broadcast_to(jnp.asarray(value[0], n.dtype), n.shape)

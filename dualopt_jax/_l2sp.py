@@ -47,7 +47,7 @@ def _l2sp_term(
   def init_fn(params: optax.Params) -> L2SPState:
     if params0 is not None:
       table = _rollback.check_anchor_matches(params0, params)
-      source = lambda path, x: table.entries[path]
+      source = lambda path, x: table.get(path)
     else:
       source = lambda _path, x: x
 
@@ -79,7 +79,7 @@ def _l2sp_term(
     new_updates = _paths.map_with_path(leaf, updates, params, state.anchor, head_flags(params))
     return new_updates, L2SPState(optax.safe_increment(state.count), state.anchor)
 
-  return _rollback._masked(optax.GradientTransformation(init_fn, update_fn), mask)
+  return _rollback.masked(optax.GradientTransformation(init_fn, update_fn), mask)
 
 
 _ARGS_DOC = """

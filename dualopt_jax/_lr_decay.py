@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dualopt_jax import _depths, _paths, _rollback, _tree_norms
+from dualopt_jax import _depths, _paths, _profile, _rollback, _tree_norms
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -19,7 +20,10 @@ class LayerwiseLRDecayState(NamedTuple):
   """State of :func:`layerwise_lr_decay`."""
 
   count: chex.Array  # int32 scalar: the step at which a decay schedule is evaluated.
-  exponent: optax.Params  # per leaf L + 1 - depth (float32; (L, 1, ..) for stacked leaves).
+  # {key: per-leaf exponents L + 1 - depth} (float32; (L, 1, ..) for stacked leaves); the key
+  # names the exponents' values, so a restore under other depth settings is a structure mismatch.
+  exponent: dict[str, Any]
+  decay: chex.Array  # float32 scalar: the decay the next update applies (for describe/drift).
 
 
 def lr_decay_exponents(
@@ -28,14 +32,14 @@ def lr_decay_exponents(
   depths: Any = None,
   num_layers: int | None = None,
   granularity: str = "block",
-  order: Sequence[str] | None = None,
+  order: Any = None,
   stacked: str | Sequence[str] | None = None,
 ) -> Any:
   r"""Per-leaf exponents :math:`L + 1 - \mathrm{depth}` of the layer-wise lr decay.
 
   With ``depths=None`` the depths come from
   :func:`~dualopt_jax.layer_depths` (``granularity``, ``order``, ``stacked``
-  as there; pass ``params`` as the model created them, definition order).
+  as there: from the paths' meaning, or the forward order).
   Without ``num_layers`` a leaf's exponent is the number of distinct depth
   levels above it: embeddings :math:`L + 1`, block :math:`i` (from 0)
   :math:`L - i`, head and final norm 0 -- BEiT's ``layer_id`` convention
@@ -44,14 +48,14 @@ def lr_decay_exponents(
   :math:`d \in [0, 1]`, which also allows depths that are not on a grid.
 
   Returns:
-    A pytree like ``params`` of float32 arrays (shape ``()`` or, for stacked
-    leaves, ``(L, 1, ..., 1)``).
+    A pytree like ``params`` of float32 NumPy arrays (shape ``()`` or, for
+    stacked leaves, ``(L, 1, ..., 1)``).
   """
   if depths is None:
     table = _depths.depth_table(params, granularity=granularity, order=order, stacked=stacked)
     depth_tree = _paths.map_with_path(lambda path, _x: table[path], params)
   else:
-    depth_tree = _paths.resolve_per_leaf(depths, params, name="depths", at_init=True)
+    depth_tree = _paths.resolve_per_leaf(depths, params, name="depths")
   values = []
   for path, d in _paths.leaves_with_paths(depth_tree):
     if _paths.is_masked_node(d):
@@ -80,7 +84,7 @@ def lr_decay_exponents(
       return (levels.size - 1 - np.searchsorted(levels, d)).astype(np.float64)
 
   return _paths.map_with_path(
-    lambda _p, _x, d: jnp.asarray(exponent(d), jnp.float32), params, depth_tree
+    lambda _p, _x, d: np.asarray(exponent(d), np.float32), params, depth_tree
   )
 
 
@@ -90,7 +94,7 @@ def layerwise_lr_decay(
   depths: Any = None,
   num_layers: int | None = None,
   granularity: str = "block",
-  order: Sequence[str] | None = None,
+  order: Any = None,
   stacked: str | Sequence[str] | None = None,
   mask: Any = None,
 ) -> optax.GradientTransformation:
@@ -100,8 +104,8 @@ def layerwise_lr_decay(
   depth 0, block :math:`i` at :math:`i + 1`, the head at :math:`L + 1`, so the
   head trains at the full learning rate and each block below at ``decay``
   times the one above. The exponents are computed once, at ``init``, from the
-  params as the model created them (see :func:`lr_decay_exponents`) and kept
-  in the state. Typical ``decay``: 0.65--0.9 (BEiT ViT-B 0.65/0.9, MAE 0.75,
+  parameter paths (or the forward order; see :func:`lr_decay_exponents`) and
+  kept in the state. Typical ``decay``: 0.65--0.9 (BEiT ViT-B 0.65/0.9, MAE 0.75,
   ELECTRA 0.8).
 
   Scaling is multiplicative, so it may go anywhere after the preconditioner.
@@ -133,7 +137,8 @@ def layerwise_lr_decay(
     >>> tx = optax.chain(optax.scale_by_adam(), layerwise_lr_decay(0.5),
     ...                  optax.scale_by_learning_rate(1.0))
     >>> state = tx.init(params)
-    >>> {k: float(v['w']) for k, v in state[1].exponent.items()}
+    >>> (exponents,) = state[1].exponent.values()
+    >>> {k: float(v['w']) for k, v in exponents.items()}
     {'embed': 3.0, 'head': 0.0, 'layers_0': 2.0, 'layers_1': 1.0}
 
   References:
@@ -155,11 +160,15 @@ def layerwise_lr_decay(
       exps = _paths.map_with_path(
         lambda _p, e, m: e if m else optax.MaskedNode(), exps, mask_fn(params)
       )
-    return LayerwiseLRDecayState(count=jnp.zeros([], jnp.int32), exponent=exps)
+    count = jnp.zeros([], jnp.int32)
+    key = _exponent_key(depths, num_layers, granularity, order, stacked)
+    exps = _paths.map_with_path(lambda _p, e: jnp.asarray(e, jnp.float32), exps)
+    return LayerwiseLRDecayState(count, {key: exps}, _decay_state(decay, count))
 
   def update_fn(updates, state: LayerwiseLRDecayState, params=None):
     del params
     d = _tree_norms.value_at(decay, state.count)
+    (exponents,) = state.exponent.values()
 
     def leaf(_path, u, e):
       if _paths.is_masked_node(e) or not _paths.is_float_leaf(u):
@@ -167,10 +176,25 @@ def layerwise_lr_decay(
       compute = jnp.promote_types(u.dtype, jnp.float32)
       return (u.astype(compute) * jnp.power(jnp.asarray(d, compute), e)).astype(u.dtype)
 
-    new_updates = _paths.map_with_path(leaf, updates, state.exponent)
-    return new_updates, LayerwiseLRDecayState(optax.safe_increment(state.count), state.exponent)
+    new_updates = _paths.map_with_path(leaf, updates, exponents)
+    count = optax.safe_increment(state.count)
+    return new_updates, LayerwiseLRDecayState(count, state.exponent, _decay_state(decay, count))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _exponent_key(
+  depths: Any, num_layers: Any, granularity: str, order: Any, stacked: Any
+) -> str:
+  """The key of the exponents in the state: the settings that produced them, hashed."""
+  depths_key = None if depths is None else _profile.spec_tag(depths)
+  settings = (granularity, _depths.order_key(order), _profile.as_tuple(stacked), num_layers,
+              depths_key)
+  return "exponent_" + hashlib.sha1(repr(settings).encode()).hexdigest()[:8]
+
+
+def _decay_state(decay: ScalarOrSchedule, count: chex.Array) -> chex.Array:
+  return jnp.asarray(_tree_norms.value_at(decay, count), jnp.float32)
 
 
 def layerwise_lr_decay_adamw(
@@ -183,7 +207,7 @@ def layerwise_lr_decay_adamw(
   depths: Any = None,
   num_layers: int | None = None,
   granularity: str = "block",
-  order: Sequence[str] | None = None,
+  order: Any = None,
   stacked: str | Sequence[str] | None = None,
   b1: float = 0.9,
   b2: float = 0.999,

@@ -1,20 +1,29 @@
-"""Parameter-tree paths: normalization, definition order and per-leaf specs.
+"""Parameter-tree paths: normalization, glob patterns, masks and per-leaf specs.
 
 Optimizers see the same parameters in several wrappings: Linen dicts with or
 without the ``params`` collection, NNX ``State`` whose leaves are ``Variable``
 objects (``nnx.Optimizer`` passes those to ``init`` and plain arrays to
-``update``), and trees rebuilt by ``jax.tree`` whose dicts are sorted by key.
-Everything here works on *normalized paths* -- tuples of ``str``/``int`` with
-the ``Variable`` ``.value`` step dropped -- so a spec built from one wrapping
-applies to another.
+``update``), trees rebuilt by ``jax.tree`` (dicts sorted by key), and
+``optax.masked`` subtrees with ``MaskedNode`` placeholders. Everything here
+works on *normalized paths* -- tuples of ``str``/``int`` with the ``Variable``
+``.value`` step dropped -- so a spec built from one wrapping applies to
+another. Nothing here depends on the order of a dict's keys.
+
+Glob patterns (``head=``, ``mask=``, ``order=``, ``stacked=``, ...) have one
+meaning everywhere: a pattern is ``/``-separated components, each an
+``fnmatch`` glob over one path component (``*`` within a component, ``**``
+any number of components); it is anchored at the root and selects the subtree
+under every path it matches (``'head'`` selects ``head/kernel`` and
+``head/bias``, not ``encoder/head/kernel``; ``'**/bias'`` every bias). A
+leading ``params`` component (Linen's variable collection) is optional. A
+pattern that matches no parameter is an error.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -27,6 +36,7 @@ Path = tuple[str | int, ...]
 PathFilter = Callable[[Path], bool]
 
 _VARIABLE_VALUE_KEYS = ("value", "raw_value")
+_COLLECTION = "params"
 
 
 def normalize_path(key_path: Sequence[Any]) -> Path:
@@ -53,8 +63,17 @@ def path_str(path: Path) -> str:
   return "/".join(str(k) for k in path) if path else "<root>"
 
 
+def canonical(path: Path) -> Path:
+  """``path`` without a leading ``params`` collection key (Linen variables)."""
+  return path[1:] if path and path[0] == _COLLECTION else path
+
+
 def is_masked_node(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
+
+
+def is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[Path, Any]]:
@@ -65,6 +84,11 @@ def leaves_with_paths(tree: Any) -> list[tuple[Path, Any]]:
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked_node)
   return [(normalize_path(kp), leaf) for kp, leaf in flat]
+
+
+def present_leaves(tree: Any) -> list[tuple[Path, Any]]:
+  """``leaves_with_paths`` without the ``MaskedNode`` placeholders."""
+  return [(p, x) for p, x in leaves_with_paths(tree) if not is_masked_node(x)]
 
 
 def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
@@ -78,222 +102,177 @@ def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
   return jax.tree_util.tree_map_with_path(apply, tree, *rest, is_leaf=is_masked_node)
 
 
-def _is_variable(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
+def on_value(fn: Callable[[Any], Any], x: Any) -> Any:
+  """``fn(x)``, or its abstract result when ``x`` is a ``jax.ShapeDtypeStruct`` (no value).
 
-
-def definition_order(tree: Any) -> list[tuple[Path, Any]]:
-  """Leaves with normalized paths in the order the model defined them.
-
-  Python dicts (Linen ``init`` output, NNX ``State``) keep insertion order,
-  which is the order modules created their parameters; ``jax.tree`` would sort
-  the keys instead (``layers_10`` before ``layers_2``, ``bias`` before
-  ``kernel``). Sequences keep their index order. Other pytree nodes fall back
-  to ``jax.tree`` order.
+  ``tx.init`` on a tree of ``ShapeDtypeStruct`` s (as Optax's sharding tests
+  call it) then gives the state's shapes and dtypes where a value would be
+  needed, instead of failing.
   """
-  out: list[tuple[Path, Any]] = []
-
-  def walk(node: Any, prefix: Path) -> None:
-    if node is None or is_masked_node(node):
-      return
-    if _is_variable(node):
-      walk(node.get_value(), prefix)
-    elif isinstance(node, Mapping) or hasattr(node, "items") and callable(node.items):
-      for key, child in node.items():
-        walk(child, (*prefix, key if isinstance(key, int) else str(key)))
-    elif isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
-      for i, child in enumerate(node):
-        walk(child, (*prefix, i))
-    elif isinstance(node, (jax.Array, np.ndarray, np.generic, float, int, bool)) or hasattr(
-      node, "shape"
-    ):
-      out.append((prefix, node))
-    else:
-      for kp, leaf in jax.tree_util.tree_flatten_with_path(node, is_leaf=_is_variable)[0]:
-        walk(leaf, (*prefix, *normalize_path(kp)))
-
-  walk(tree, ())
-  return out
-
-
-def has_variables(tree: Any) -> bool:
-  """Whether ``tree`` holds NNX ``Variable``s (``nnx.state`` output, always key-sorted)."""
-  return any(_is_variable(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_variable))
-
-
-def has_abstract_leaves(tree: Any) -> bool:
-  """Tracers or ``ShapeDtypeStruct``s: ``init`` under ``jax.jit``/``jax.eval_shape``."""
-  return any(
-    isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct))
-    for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_variable)
-    if not _is_variable(x)
-  ) or any(
-    isinstance(x.get_value(), (jax.core.Tracer, jax.ShapeDtypeStruct))
-    for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_variable)
-    if _is_variable(x)
-  )
-
-
-def reversed_key_order(tree: Any) -> Any:
-  """The same leaves with every mapping's keys in reverse insertion order (plain containers)."""
-  if _is_variable(tree):
-    return tree
-  if isinstance(tree, Mapping) or (hasattr(tree, "items") and callable(tree.items)):
-    return {k: reversed_key_order(v) for k, v in reversed(list(tree.items()))}
-  if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-    return [reversed_key_order(v) for v in tree]
-  return tree
-
-
-def _mappings_sorted(node: Any) -> bool:
-  """Whether every mapping in ``node`` has its keys in sorted order (as ``jax.tree`` rebuilds)."""
-  if _is_variable(node):
-    return True
-  if isinstance(node, Mapping) or (hasattr(node, "items") and callable(node.items)):
-    keys = [str(k) for k in node]
-    return keys == sorted(keys) and all(_mappings_sorted(v) for v in node.values())
-  if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
-    return all(_mappings_sorted(v) for v in node)
-  return True
-
-
-def order_is_definition(tree: Any) -> bool:
-  """Whether ``tree``'s key order can be taken as the model's definition order.
-
-  Not for trees under ``jax.jit``/``jax.vmap``/``jax.eval_shape`` (abstract
-  leaves), NNX state (always sorted), or trees whose every mapping is sorted
-  (what any ``jax.tree`` rebuild, ``optax.masked`` included, produces; a real
-  Linen tree has ``kernel`` before ``bias``).
-  """
-  return not (has_variables(tree) or has_abstract_leaves(tree) or _mappings_sorted(tree))
-
-
-_ORDER_HINT: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar(
-  "dualopt_order_hint", default=None
-)
-
-
-@contextlib.contextmanager
-def order_hint(tree: Any) -> Iterator[None]:
-  """Within the block, profiles may take the definition order from ``tree``.
-
-  Used around ``optax.masked(...).init``, which hands the inner ``init`` a
-  key-sorted copy of the params.
-  """
-  hint = [p for p, _ in definition_order(tree)] if order_is_definition(tree) else None
-  token = _ORDER_HINT.set(hint)
-  try:
-    yield
-  finally:
-    _ORDER_HINT.reset(token)
-
-
-def in_hinted_order(tree: Any) -> Any | None:
-  """``tree``'s leaves as nested dicts in the active hint's order, or None without a hint."""
-  hint = _ORDER_HINT.get()
-  if hint is None:
-    return None
-  leaves = {p: x for p, x in leaves_with_paths(tree) if not is_masked_node(x)}
-  if not set(leaves) <= set(hint):
-    return None
-  out: dict = {}
-  for path in hint:
-    if path in leaves:
-      node = out
-      for key in path[:-1]:
-        node = node.setdefault(key, {})
-      node[path[-1]] = leaves[path]
-  return out
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.eval_shape(fn, x)
+  return fn(x)
 
 
 def is_float_leaf(x: Any) -> bool:
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-def path_filter(patterns: str | Sequence[str]) -> PathFilter:
-  """A predicate on paths from glob patterns over ``'a/b/c'`` strings.
+# --- glob patterns ------------------------------------------------------------------------------
 
-  A pattern matches when it matches a contiguous run of path components:
-  ``'head'`` matches ``head/kernel``; ``'*/bias'`` every bias; ``'layers/0'``
-  everything under ``layers/0``.
+
+def _match_prefix(pattern: tuple[str, ...], path: tuple[str, ...]) -> bool:
+  if not pattern:
+    return True
+  head, rest = pattern[0], pattern[1:]
+  if head == "**":
+    return any(_match_prefix(rest, path[i:]) for i in range(len(path) + 1))
+  return bool(path) and fnmatch.fnmatchcase(path[0], head) and _match_prefix(rest, path[1:])
+
+
+@dataclass(frozen=True)
+class Pattern:
+  """One anchored glob pattern over normalized paths (see the module docstring)."""
+
+  text: str
+
+  def __post_init__(self) -> None:
+    if not isinstance(self.text, str) or not self.text.strip("/"):
+      raise ValueError(f"a path pattern must be a non-empty string, got {self.text!r}.")
+
+  @property
+  def parts(self) -> tuple[str, ...]:
+    return tuple(p for p in self.text.split("/") if p)
+
+  def matches(self, path: Path) -> bool:
+    keys = tuple(str(k) for k in path)
+    stripped = tuple(str(k) for k in canonical(path))
+    return _match_prefix(self.parts, keys) or _match_prefix(self.parts, stripped)
+
+
+def is_pattern_spec(spec: Any) -> bool:
+  """A glob pattern or a non-empty list/tuple of them."""
+  return isinstance(spec, str) or (
+    isinstance(spec, (list, tuple)) and bool(spec) and all(isinstance(s, str) for s in spec)
+  )
+
+
+def patterns(spec: str | Sequence[str], *, name: str) -> tuple[Pattern, ...]:
+  """Glob patterns from a string or a sequence of strings."""
+  if not is_pattern_spec(spec):
+    raise ValueError(f"{name} must be a glob pattern or a list of them, got {spec!r}.")
+  items = [spec] if isinstance(spec, str) else list(spec)
+  return tuple(Pattern(p) for p in items)
+
+
+def check_patterns_match(pats: Sequence[Pattern], tree: Any, *, name: str) -> None:
+  """Raises naming the first pattern that matches no path of ``tree`` (MaskedNodes count).
+
+  A tree without leaves (``optax.tree_map_params``' placeholder) is not checked.
   """
-  if isinstance(patterns, str):
-    patterns = [patterns]
-  patterns = list(patterns)
+  paths = [p for p, _ in leaves_with_paths(tree)]
+  if not paths:
+    return
+  for pattern in pats:
+    if not any(pattern.matches(p) for p in paths):
+      shown = ", ".join(path_str(p) for p in paths[:6]) + (", ..." if len(paths) > 6 else "")
+      raise ValueError(
+        f"{name}: pattern {pattern.text!r} matches no parameter. Patterns are anchored at the "
+        f"root ('head' selects head/...; '**/bias' every bias); the paths are: {shown}."
+      )
 
-  def matches(path: Path) -> bool:
-    text = path_str(path)
-    for pattern in patterns:
-      for candidate in (pattern, pattern + "/*", "*/" + pattern, "*/" + pattern + "/*"):
-        if fnmatch.fnmatchcase(text, candidate):
-          return True
-    return False
 
-  return matches
+def path_filter(spec: str | Sequence[str]) -> PathFilter:
+  """A predicate on normalized paths from glob patterns.
+
+  Patterns are anchored at the root and select whole subtrees: ``'head'``
+  matches ``head/kernel`` (and ``params/head/kernel``), ``'**/bias'`` every
+  bias, ``'layers/0'`` everything under ``layers/0``.
+
+  Example:
+    >>> import dualopt_jax as dj
+    >>> selects = dj.path_filter(['head', '**/bias'])
+    >>> selects(('head', 'kernel')), selects(('encoder', 'head', 'kernel')), selects(('a', 'bias'))
+    (True, False, True)
+  """
+  pats = patterns(spec, name="path_filter")
+  return lambda path: any(p.matches(path) for p in pats)
+
+
+# --- per-leaf lookups ---------------------------------------------------------------------------
 
 
 class PathTable:
-  """Values of a pytree keyed by normalized path, for wrapping-independent lookup."""
+  """Values of a pytree keyed by canonical path, for wrapping-independent lookup.
 
-  def __init__(self, tree: Any, *, name: str):
+  With ``prefix=True`` an entry also covers every path below it (Optax's
+  mask contract: a mask or value tree may be a prefix of the params tree).
+  """
+
+  def __init__(self, tree: Any, *, name: str, prefix: bool = False):
     self.name = name
+    self.prefix = prefix
     self.entries: dict[Path, Any] = {}
     for path, leaf in leaves_with_paths(tree):
       if not is_masked_node(leaf):
-        self.entries[path] = leaf
+        self.entries[canonical(path)] = leaf
 
   def __iter__(self) -> Iterator[Path]:
     return iter(self.entries)
 
+  def lookup(self, path: Path) -> tuple[bool, Any]:
+    key = canonical(path)
+    if key in self.entries:
+      return True, self.entries[key]
+    if self.prefix:
+      for n in range(len(key) - 1, -1, -1):
+        if key[:n] in self.entries:
+          return True, self.entries[key[:n]]
+    return False, None
+
   def get(self, path: Path) -> Any:
-    try:
-      return self.entries[path]
-    except KeyError:
+    found, value = self.lookup(path)
+    if not found:
       known = ", ".join(path_str(p) for p in list(self.entries)[:8])
       raise ValueError(
         f"{self.name} has no entry for parameter path '{path_str(path)}'; "
         f"its paths are: {known}{', ...' if len(self.entries) > 8 else ''}."
-      ) from None
+      )
+    return value
 
 
-def resolve_per_leaf(spec: Any, tree: Any, *, name: str, at_init: bool = False) -> Any:
+def is_scalar_like(x: Any) -> bool:
+  return isinstance(x, (int, float, np.number)) or (
+    hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, Mapping)
+  )
+
+
+def resolve_per_leaf(spec: Any, tree: Any, *, name: str) -> Any:
   """Maps a per-leaf spec onto ``tree``: a tree of values with ``tree``'s structure.
 
   ``spec`` is a scalar/array (the same for every leaf), a callable
   ``(path, leaf) -> value``, or a pytree over the same parameters (any
-  wrapping; matched by normalized path). Values must broadcast against their
-  leaf without changing its shape (e.g. shape ``(L, 1, 1)`` for ``L`` stacked
-  layers). An object with a ``per_leaf_values(tree, at_init=...)`` method (a
-  :class:`~dualopt_jax.LayerProfile`) computes values from the whole tree;
-  ``at_init`` says whether ``tree`` is the one given to ``init``, which still
-  has the model's definition order.
+  wrapping; matched by path; it may be a prefix of the params tree). Values
+  must broadcast against their leaf without changing its shape (e.g. shape
+  ``(L, 1, 1)`` for ``L`` stacked layers).
   """
-  if hasattr(spec, "per_leaf_values"):
-    table = PathTable(spec.per_leaf_values(tree, at_init=at_init), name=name)
-    fn = lambda path, _leaf: table.get(path)
-  elif callable(spec) and not hasattr(spec, "shape"):
+  if callable(spec) and not hasattr(spec, "shape"):
     fn = spec
-  elif _is_scalar_like(spec):
+  elif is_scalar_like(spec):
     return map_with_path(lambda _p, _x: spec, tree)
   else:
-    table = PathTable(spec, name=name)
+    table = PathTable(spec, name=name, prefix=True)
     fn = lambda path, _leaf: table.get(path)
 
   def value_for(path: Path, leaf: Any) -> Any:
     value = fn(path, leaf)
-    _check_broadcasts(value, leaf, path, name)
+    check_broadcasts(value, leaf, path, name)
     return value
 
   return map_with_path(value_for, tree)
 
 
-def _is_scalar_like(x: Any) -> bool:
-  return isinstance(x, (int, float, np.number)) or (hasattr(x, "shape") and not isinstance(
-    x, Mapping
-  ) and hasattr(x, "dtype"))
-
-
-def _check_broadcasts(value: Any, leaf: Any, path: Path, name: str) -> None:
+def check_broadcasts(value: Any, leaf: Any, path: Path, name: str) -> None:
   value_shape = np.shape(value)
   leaf_shape = np.shape(leaf)
   try:
@@ -308,23 +287,46 @@ def _check_broadcasts(value: Any, leaf: Any, path: Path, name: str) -> None:
     )
 
 
-def mask_callable(mask: Any) -> Callable[[Any], Any]:
+# --- masks --------------------------------------------------------------------------------------
+
+
+def mask_callable(mask: Any, *, name: str = "mask") -> Callable[[Any], Any]:
   """An ``optax.masked``-style mask callable that works across wrappings.
 
-  Accepts a pytree of bools (matched by path, so one built from ``nnx.state``
-  works inside ``nnx.Optimizer``), a callable ``params -> pytree of bools``,
-  or glob patterns (``str`` or list of ``str``, see :func:`path_filter`).
+  Accepts glob patterns (``str`` or list of ``str``; each must match a
+  parameter), a pytree of bools (matched by path, so one built from
+  ``nnx.state`` works inside ``nnx.Optimizer``; it may be a prefix of the
+  params tree, as in ``optax.masked``), or a callable ``params -> pytree of
+  bools`` (also a prefix). The result has ``params``' structure.
   """
-  if isinstance(mask, str) or (
-    isinstance(mask, (list, tuple)) and mask and all(isinstance(m, str) for m in mask)
-  ):
-    selects = path_filter(mask)
-    return lambda tree: map_with_path(lambda path, _x: selects(path), tree)
+  if is_pattern_spec(mask):
+    pats = patterns(mask, name=name)
+
+    def from_patterns(tree: Any) -> Any:
+      check_patterns_match(pats, tree, name=name)
+      return map_with_path(lambda path, _x: any(p.matches(path) for p in pats), tree)
+
+    return from_patterns
   if callable(mask):
-    return lambda tree: _as_bool_tree(mask(tree), tree)
-  return lambda tree: _as_bool_tree(mask, tree)
+    return lambda tree: bool_tree(mask(tree), tree, name=name)
+  return lambda tree: bool_tree(mask, tree, name=name)
 
 
-def _as_bool_tree(mask_tree: Any, tree: Any) -> Any:
-  table = PathTable(mask_tree, name="mask")
-  return map_with_path(lambda path, _x: bool(table.get(path)), tree)
+def bool_tree(mask_tree: Any, tree: Any, *, name: str) -> Any:
+  """``mask_tree`` (a prefix pytree of bools over ``tree``) expanded to ``tree``'s leaves."""
+  table = PathTable(mask_tree, name=name, prefix=True)
+
+  def flag(path: Path, _x: Any) -> bool:
+    value = table.get(path)
+    if isinstance(value, (bool, np.bool_)):
+      return bool(value)
+    if hasattr(value, "dtype") and np.shape(value) == () and value.dtype == bool:
+      try:
+        return bool(value)
+      except jax.errors.ConcretizationTypeError:
+        pass
+    raise ValueError(
+      f"{name} for '{path_str(path)}' must be a Python bool (masks are static), got {value!r}."
+    )
+
+  return map_with_path(flag, tree)

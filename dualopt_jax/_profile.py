@@ -1,56 +1,73 @@
-"""``LayerProfile``: a per-layer strength profile resolved from a parameter tree."""
+"""Per-layer strengths as data: ``LayerProfile`` and the per-leaf state that carries it.
+
+A ``layer_scale`` (the per-leaf multiplier of a rollback, decay, radius, ...)
+is resolved once, at ``init``, into per-leaf float32 operands stored in the
+optimizer state -- depths for a :class:`LayerProfile`, the values themselves
+for a pytree or ``(path, leaf)`` callable. ``update`` combines them with the
+transformation's *current* numbers (``start``, ``end``, ``power``, ``flip``),
+so ``optax.inject_hyperparams`` of ``power`` takes effect and a state restored
+into a transformation with other numbers follows the new ones. Operands, not
+Python constants, let XLA share one fused kernel across all leaves of a shape.
+
+The stored operands sit under a key naming the settings that produced them
+(``'block'``, ``'tensor'``, ``'block_<hash of order/stacked>'``,
+``'scale_<hash of the values>'``), so a state restored into a transformation
+whose depth settings differ fails to restore (a structure mismatch naming the
+key) instead of training with the old depths; ``update`` checks the key too.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dualopt_jax import _depths, _paths
-
-# Depth tables computed from the tree given to ``init`` (which has the model's
-# definition order), reused by ``update`` (whose trees ``jax`` rebuilt in sorted
-# key order). Keyed by the profile and the set of (path, shape) of the leaves.
-_TABLES: dict[tuple, dict[_paths.Path, Any]] = {}
-
-
-def _signature(tree: Any) -> tuple:
-  return tuple(
-    sorted(
-      (_paths.path_str(p), tuple(np.shape(x)))
-      for p, x in _paths.leaves_with_paths(tree)
-      if not _paths.is_masked_node(x)
-    )
-  )
 
 
 @dataclass(frozen=True)
 class LayerProfile:
   """Per-layer multipliers ``end + (1 - depth)^power * (start - end)``.
 
-  Usable wherever a ``layer_scale`` is accepted. Depths come from
-  :func:`~dualopt_jax.layer_depths` of the tree given to ``init`` (which keeps
-  the model's definition order); ``update`` reuses them.
+  Usable wherever a ``layer_scale`` is accepted. The depths come from
+  :func:`~dualopt_jax.layer_depths` (``granularity``, ``order``, ``stacked``)
+  of the tree given to ``init`` -- a pure function of its paths and shapes --
+  and are kept in the optimizer state; ``start``, ``end``, ``power`` and
+  ``flip`` are read at every update.
 
   Attributes:
     start: multiplier at depth 0 (input side).
     end: multiplier at depth 1 (output side).
     power: exponent of the profile (1 linear, 2 quadratic).
     granularity: ``"block"`` or ``"tensor"`` (see ``layer_depths``).
-    order: optional glob patterns, input to output (see ``layer_depths``).
-    stacked: optional glob patterns naming stacked-layer subtrees.
+    order: the model's forward order (from :func:`~dualopt_jax.forward_order`)
+      or glob patterns, input to output (see ``layer_depths``).
+    stacked: glob patterns naming stacked-layer subtrees.
     flip: measure depth from the output side (``d -> 1 - d``), so ``start``
       applies to the deepest layer.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dualopt_jax as dj
+    >>> profile = dj.LayerProfile(start=1.0, end=0.0, power=2.0)
+    >>> params = {'embed': {'w': jnp.ones(2)}, 'layers_0': {'w': jnp.ones(2)},
+    ...           'head': {'w': jnp.ones(2)}}
+    >>> profile.values(params)
+    {'embed': {'w': 1.0}, 'head': {'w': 0.0}, 'layers_0': {'w': 0.25}}
   """
 
-  start: float
-  end: float
-  power: float = 1.0
+  start: Any = 1.0
+  end: Any = 0.0
+  power: Any = 1.0
   granularity: str = "block"
-  order: tuple[str, ...] | None = None
-  stacked: tuple[str, ...] | str | None = None
+  order: Any = None
+  stacked: Any = None
   flip: bool = False
 
   def __post_init__(self) -> None:
@@ -62,67 +79,183 @@ class LayerProfile:
       object.__setattr__(self, "order", tuple(self.order))
     if isinstance(self.stacked, list):
       object.__setattr__(self, "stacked", tuple(self.stacked))
+    if self.order is not None and not isinstance(self.order, Mapping):
+      _paths.patterns(self.order, name="order")
+    if self.stacked is not None:
+      _paths.patterns(self.stacked, name="stacked")
 
-  def _depth_kwargs(self) -> dict[str, Any]:
-    return {"granularity": self.granularity, "order": self.order, "stacked": self.stacked}
+  @property
+  def tag(self) -> str:
+    """The name of the depth settings (the key of the depths in the optimizer state)."""
+    return _depths.settings_tag(self.granularity, self.order, self.stacked)
 
-  def depth_table(self, tree: Any, *, at_init: bool) -> dict[_paths.Path, Any]:
-    """Depths of ``tree``'s leaves, from the model's definition order where it is known.
-
-    Only an eager ``init`` on concrete Linen/dict params sees the definition
-    order (dicts keep insertion order). ``jax.jit``/``jax.eval_shape`` hand
-    ``init`` a key-sorted tree, ``update`` always gets one, and ``nnx.state``
-    is sorted: those reuse the table cached from the eager ``init`` (keyed by
-    the depth settings and the leaves' paths and shapes). Without one, depths
-    that do not depend on key order are computed (NNX trees order tensors by
-    block, module, then kernel/scale before bias); anything else raises.
-    """
-    key = (self.granularity, self.order, self.stacked, _signature(tree))
-    kwargs = {"granularity": self.granularity, "order": self.order, "stacked": self.stacked}
-    if at_init:
-      hinted = _paths.in_hinted_order(tree)
-      source = hinted if hinted is not None else tree
-      if hinted is not None or _paths.order_is_definition(tree):
-        _TABLES[key] = _depths.depth_table(source, trust_order=True, **kwargs)
-        return _TABLES[key]
-    if key in _TABLES:
-      return _TABLES[key]
-    if self.granularity == "tensor" and self.order is None and not _paths.has_variables(tree):
-      raise self._order_error()
-    try:
-      _TABLES[key] = _depths.depth_table(tree, trust_order=False, **kwargs)
-    except ValueError as error:
-      if "definition order" in str(error):
-        raise self._order_error() from error
-      raise
-    return _TABLES[key]
-
-  def _order_error(self) -> ValueError:
-    return ValueError(
-      f"LayerProfile(granularity={self.granularity!r}) needs the model's definition order, and "
-      "this tree's key order is not it (jax.jit, jax.vmap and jax.eval_shape hand tx.init a "
-      "key-sorted tree; update always gets one). Call tx.init(params) or dj.describe(params, tx) "
-      "once, un-jitted, with the params as the model created them (e.g. "
-      "model.init(...)['params']) -- the depths are then remembered for every later jitted "
-      "init/update in this process -- or pass order=[...] patterns."
+  def depths(self, tree: Any) -> dict[_paths.Path, Any]:
+    """Depth per path of ``tree``'s present leaves (see ``layer_depths``)."""
+    return _depths.depth_table(
+      tree, granularity=self.granularity, order=self.order, stacked=self.stacked
     )
 
   def multiplier(self, depth: Any) -> Any:
-    """The profile's value at ``depth`` (a float, or an array for stacked leaves)."""
-    if self.flip:
-      depth = 1.0 - np.asarray(depth, np.float64)
-      depth = float(depth) if depth.ndim == 0 else depth
-    return _depths.depth_profile(depth, start=self.start, end=self.end, power=self.power)
+    """The profile's value at ``depth`` (float32; traceable)."""
+    d = jnp.asarray(depth, jnp.float32)
+    return _depths.profile_value(1.0 - d if self.flip else d, self.start, self.end, self.power)
 
-  def per_leaf_values(self, tree: Any, *, at_init: bool = False) -> Any:
-    table = self.depth_table(tree, at_init=at_init)
-    return _paths.map_with_path(
-      lambda path, _x: self.multiplier(table[path]),
-      tree,
+  def values(self, tree: Any) -> Any:
+    """The multipliers for ``tree``'s leaves, as Python floats / NumPy arrays."""
+    table = self.depths(tree)
+
+    def value(path: _paths.Path, _x: Any) -> Any:
+      out = np.asarray(self.multiplier(table[path]), np.float64)
+      return float(out) if out.ndim == 0 else out.astype(np.float32)
+
+    return _paths.map_with_path(value, tree)
+
+
+class LayerScaleState(NamedTuple):
+  """A ``layer_scale`` as the optimizer state holds it.
+
+  ``per_leaf`` maps one settings key to a params-shaped tree of float32
+  operands: depths (keys ``'block'``/``'tensor'``/``'block_…'``) or the
+  scales themselves (``'scale_…'``); it is empty for a scalar scale. The
+  numbers are the profile's at the last ``init``/``update``
+  (what :func:`~dualopt_jax.describe` shows; a scalar scale ``s`` is the
+  constant profile ``start = end = s``).
+  """
+
+  per_leaf: dict[str, Any]
+  start: chex.Array
+  end: chex.Array
+  power: chex.Array
+  flip: chex.Array
+
+
+def _numbers(spec: Any) -> tuple[Any, Any, Any, Any]:
+  if isinstance(spec, LayerProfile):
+    return spec.start, spec.end, spec.power, spec.flip
+  if _paths.is_scalar_like(spec):
+    return spec, spec, 1.0, False
+  return 1.0, 0.0, 1.0, False
+
+
+def _numbers_state(spec: Any, per_leaf: dict[str, Any]) -> LayerScaleState:
+  start, end, power, flip = _numbers(spec)
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  return LayerScaleState(per_leaf, f32(start), f32(end), f32(power), jnp.asarray(flip, bool))
+
+
+def is_per_leaf(spec: Any) -> bool:
+  """Whether ``spec`` gives leaves different values (a profile, a pytree, a callable)."""
+  return isinstance(spec, LayerProfile) or not _paths.is_scalar_like(spec)
+
+
+def values_tag(values: Any) -> str:
+  """``'scale_<hash>'`` of a pytree of per-leaf values (paths, shapes, numbers where known)."""
+  digest = hashlib.sha1()
+  for path, value in _paths.present_leaves(values):
+    digest.update(repr((_paths.path_str(path), np.shape(value))).encode())
+    concrete = None if isinstance(value, jax.core.Tracer) else np.asarray(value, np.float32)
+    if concrete is not None:
+      digest.update(concrete.tobytes())
+  return f"scale_{digest.hexdigest()[:8]}"
+
+
+def spec_tag(spec: Any) -> str:
+  """The key of ``spec``'s per-leaf data in the state, from the spec alone (never the tree).
+
+  A profile's depth settings, or a hash of a pytree's values; a ``(path,
+  leaf)`` callable is ``'scale'`` (its values are known only at ``init``).
+  """
+  if isinstance(spec, LayerProfile):
+    return spec.tag
+  if callable(spec):
+    return "scale"
+  return values_tag(spec)
+
+
+def init_layer_scale(spec: Any, params: Any, *, name: str) -> LayerScaleState:
+  """The state of ``spec`` for ``params`` (present leaves; MaskedNodes stay)."""
+  if not is_per_leaf(spec):
+    return _numbers_state(spec, {})
+  tag = spec_tag(spec)
+  if not jax.tree.leaves(params, is_leaf=_paths.is_masked_node):
+    # No leaves (e.g. optax.tree_map_params' placeholder): one leaf, so that the per-leaf data
+    # is never mistaken for a params-shaped subtree of the state.
+    return _numbers_state(spec, {tag: jnp.zeros((), jnp.float32)})
+  if isinstance(spec, LayerProfile):
+    table = spec.depths(params)
+    tree = _paths.map_with_path(lambda p, _x: jnp.asarray(table[p], jnp.float32), params)
+  else:
+    values = _paths.resolve_per_leaf(spec, params, name=name)
+    tree = _paths.map_with_path(lambda _p, v: jnp.asarray(v, jnp.float32), values)
+  return _numbers_state(spec, {tag: tree})
+
+
+def check_layer_scale(spec: Any, state: LayerScaleState, *, name: str) -> None:
+  """Raises when ``state`` was made under other depth settings (or scales) than ``spec``'s."""
+  keys = list(state.per_leaf)
+  if keys and keys != [spec_tag(spec)]:
+    raise ValueError(
+      f"{name}: the optimizer state holds per-layer data made with the settings {keys[0]!r}, "
+      f"but this transformation uses {spec_tag(spec)!r} (granularity/order/stacked or the "
+      "layer scales changed). Initialise a new state (tx.init), or restore with the settings "
+      "the run started with."
     )
 
 
-def as_tuple(patterns: str | Sequence[str] | None) -> tuple[str, ...] | str | None:
-  if patterns is None or isinstance(patterns, str):
-    return patterns
-  return tuple(patterns)
+def layer_multipliers(spec: Any, state: LayerScaleState, updates: Any, *, name: str) -> Any:
+  """Per-leaf multipliers aligned with ``updates`` (MaskedNodes where ``updates`` has them).
+
+  From the state's operands and ``spec``'s current numbers (possibly traced,
+  under ``optax.inject_hyperparams``).
+  """
+  if not is_per_leaf(spec):
+    return _paths.map_with_path(lambda _p, _u: spec, updates)
+  check_layer_scale(spec, state, name=name)
+  (tree,) = state.per_leaf.values()
+  if isinstance(spec, LayerProfile):
+    return jax.tree.map(
+      lambda u, d: u if _paths.is_masked_node(u) else spec.multiplier(d),
+      updates,
+      tree,
+      is_leaf=_paths.is_masked_node,
+    )
+  return jax.tree.map(
+    lambda u, v: u if _paths.is_masked_node(u) else v, updates, tree, is_leaf=_paths.is_masked_node
+  )
+
+
+def refreshed(spec: Any, state: LayerScaleState) -> LayerScaleState:
+  """``state`` with the numbers ``spec`` has now (what the next update will use)."""
+  return _numbers_state(spec, state.per_leaf)
+
+
+def stored_multipliers(state: LayerScaleState) -> Any:
+  """Per-leaf multipliers from the state alone (for describe/drift); None for a scalar scale."""
+  if not state.per_leaf:
+    return None
+  ((tag, tree),) = state.per_leaf.items()
+  if tag.startswith("scale"):
+    return tree
+  flip = jnp.asarray(state.flip, bool)
+  def value(d: Any) -> Any:
+    if _paths.is_masked_node(d):
+      return d
+    d = jnp.asarray(d, jnp.float32)
+    return _depths.profile_value(jnp.where(flip, 1.0 - d, d), state.start, state.end, state.power)
+
+  return jax.tree.map(value, tree, is_leaf=_paths.is_masked_node)
+
+
+def stored_depths(state: LayerScaleState) -> Any:
+  """The per-leaf depths the state holds, or None (scalar or explicit scales)."""
+  if not state.per_leaf:
+    return None
+  ((tag, tree),) = state.per_leaf.items()
+  return None if tag.startswith("scale") else tree
+
+
+def as_tuple(spec: Any) -> Any:
+  """Lists of patterns as tuples (hashable settings); strings, mappings and None as given."""
+  if spec is None or isinstance(spec, (str, Mapping)):
+    return spec
+  return tuple(spec)

@@ -7,10 +7,11 @@ from typing import Any, NamedTuple
 
 import chex
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax._src import base as optax_base
 
-from dualopt_jax import _paths, _rollback, _tree_norms
+from dualopt_jax import _paths, _profile, _rollback, _tree_norms
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -22,6 +23,8 @@ class ProjectionState(NamedTuple):
 
   count: chex.Array  # int32 scalar, the step at which a radius schedule is evaluated.
   anchor: optax.Params  # the centre of the ball, possibly at a lower precision.
+  layer_scale: _profile.LayerScaleState  # the per-leaf factor of the radius.
+  radius: chex.Array  # float32 scalar: the global radius the next update applies.
 
 
 def project_to_anchor(
@@ -62,19 +65,21 @@ def project_to_anchor(
   code (``jnp.sum(axis=())`` would reduce nothing).
 
   Args:
-    radius: :math:`\gamma \ge 0`: a scalar, an Optax schedule ``count -> value``, a
-      pytree over the params (matched by path; any wrapping), or a callable
-      ``(path, leaf) -> value`` (e.g. a depth profile built from
-      ``layer_depths``, or a ``LayerProfile``). A value may be an array
-      broadcasting against the norm, e.g. shape ``(L, 1, 1)`` for ``L`` stacked layers.
-      Under ``optax.inject_hyperparams`` a scalar radius is injectable; list
-      a ``(path, leaf)`` callable in ``static_args`` (it would be taken for
-      a schedule).
+    radius: :math:`\gamma \ge 0`: a scalar or an Optax schedule ``count ->
+      value`` (the same for every leaf, times ``layer_scale``), or per leaf: a
+      pytree over the params (matched by path; any wrapping), a callable
+      ``(path, leaf) -> value`` or a ``LayerProfile`` -- then it takes the
+      place of ``layer_scale``. A value may be an array broadcasting against
+      the norm, e.g. shape ``(L, 1, 1)`` for ``L`` stacked layers. Under
+      ``optax.inject_hyperparams`` a scalar radius is injectable; list a
+      ``(path, leaf)`` callable in ``static_args`` (it would be taken for a
+      schedule).
     params0: the anchor; ``None`` uses (a copy of) the params given to
       ``init``. Kept in the optimizer state, never in a closure.
     norm: ``"l2"`` or ``"mars"``.
-    layer_scale: per-leaf multiplier of the radius (scalar, pytree or
-      ``(path, leaf)`` callable), to combine a schedule with a profile.
+    layer_scale: per-leaf multiplier of the radius (scalar, pytree,
+      ``(path, leaf)`` callable or ``LayerProfile``), to combine a schedule
+      with a profile. Resolved at ``init`` and kept in the state.
     mask: which leaves to project (pytree of bools, callable, or glob
       patterns); masked-out leaves store no anchor.
     channel_axis: the output-row axis for ``norm="mars"`` (``None``: -1, the
@@ -108,6 +113,14 @@ def project_to_anchor(
   global_radius, leaf_radius = _tree_norms.split_spec(radius, name="project_to_anchor: radius")
   if not callable(global_radius):
     _tree_norms.check_nonnegative(global_radius, name="radius")
+  if _profile.is_per_leaf(leaf_radius):
+    if _profile.is_per_leaf(layer_scale) or not np.all(np.asarray(layer_scale) == 1):
+      raise ValueError(
+        "project_to_anchor: give the per-leaf factor once, as radius or as layer_scale, and the "
+        "global radius (a scalar or schedule) as radius."
+      )
+    layer_scale = leaf_radius
+  scale_name = "radius" if _profile.is_per_leaf(leaf_radius) else "layer_scale"
   per = "channel" if norm == "mars" else "tensor"
   ord_ = "l1" if norm == "mars" else "l2"
 
@@ -117,44 +130,51 @@ def project_to_anchor(
     else:
       table = _rollback.check_anchor_matches(params0, params)
       anchor = _paths.map_with_path(
-        lambda path, _x: _rollback._store_anchor(table.entries[path], anchor_dtype), params
+        lambda path, _x: _rollback._store_anchor(table.get(path), anchor_dtype), params
       )
+    scales = _profile.init_layer_scale(layer_scale, params, name=f"project_to_anchor: {scale_name}")
+    multipliers = _profile.stored_multipliers(scales)
     _tree_norms.check_nonnegative(
-      _paths.resolve_per_leaf(leaf_radius, params, name="radius", at_init=True), name="radius"
-    )
-    _tree_norms.check_nonnegative(
-      _paths.resolve_per_leaf(layer_scale, params, name="layer_scale", at_init=True),
-      name="layer_scale",
+      layer_scale if multipliers is None else multipliers, name=scale_name
     )
     flags = _tree_norms.stacked_flags(stacked, params)
     _paths.map_with_path(  # validates channel_axis early, with the path in the message
       lambda path, x, s: _tree_norms.axes_for(path, x, s, per, channel_axis), params, flags
     )
-    return ProjectionState(count=jnp.zeros([], jnp.int32), anchor=anchor)
+    count = jnp.zeros([], jnp.int32)
+    return ProjectionState(count, anchor, scales, _radius_state(global_radius, count))
 
   def update_fn(updates, state: ProjectionState, params=None):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
     g = _tree_norms.value_at(global_radius, state.count)
-    radii = _paths.resolve_per_leaf(leaf_radius, updates, name="radius")
-    scales = _paths.resolve_per_leaf(layer_scale, updates, name="layer_scale")
+    scales = _profile.layer_multipliers(
+      layer_scale, state.layer_scale, updates, name="project_to_anchor"
+    )
     flags = _tree_norms.stacked_flags(stacked, updates)
 
-    def project(path, u, p, a, r, s, st):
+    def project(path, u, p, a, s, st):
       if not _paths.is_float_leaf(u):
         return u
       compute = jnp.promote_types(u.dtype, jnp.float32)
       d = p.astype(compute) + u.astype(compute) - a.astype(compute)
       axes = _tree_norms.axes_for(path, u, st, per, channel_axis)
       n = _tree_norms.norm_keepdims(d, axes, ord=ord_)
-      gamma = jnp.asarray(g, compute) * jnp.asarray(r, compute) * jnp.asarray(s, compute)
+      gamma = jnp.asarray(g, compute) * jnp.asarray(s, compute)
       safe_n = jnp.where(n > 0, n, 1.0)
       keep = jnp.where(n > gamma, gamma / safe_n, 1.0)
       return (u.astype(compute) - (1.0 - keep) * d).astype(u.dtype)
 
-    new_updates = _paths.map_with_path(
-      project, updates, params, state.anchor, radii, scales, flags
+    new_updates = _paths.map_with_path(project, updates, params, state.anchor, scales, flags)
+    count = optax.safe_increment(state.count)
+    new_state = ProjectionState(
+      count, state.anchor, _profile.refreshed(layer_scale, state.layer_scale),
+      _radius_state(global_radius, count),
     )
-    return new_updates, ProjectionState(optax.safe_increment(state.count), state.anchor)
+    return new_updates, new_state
 
-  return _rollback._masked(optax.GradientTransformation(init_fn, update_fn), mask)
+  return _rollback.masked(optax.GradientTransformation(init_fn, update_fn), mask)
+
+
+def _radius_state(radius: Any, count: chex.Array) -> chex.Array:
+  return jnp.asarray(_tree_norms.value_at(radius, count), jnp.float32)

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from optax._src import base as optax_base
 
-from dualopt_jax import _paths
+from dualopt_jax import _paths, _profile
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -29,16 +29,16 @@ class RollbackState(NamedTuple):
 
   count: chex.Array  # int32 scalar: number of updates so far; rate is evaluated here.
   anchor: optax.Params  # the weights rolled back to, possibly at a lower precision.
-  # Per-leaf layer_scale as float32 operands, in the params' leaf order (None for a scalar
-  # layer_scale). See _scale_operands.
-  scale: tuple[chex.Array, ...] | None = None
+  layer_scale: _profile.LayerScaleState  # per-leaf depths (or scales) and profile numbers.
+  rate: chex.Array  # float32 scalar: the rate the next update applies (for describe/drift).
 
 
 class LayerwiseDecayState(NamedTuple):
   """State of :func:`layerwise_decay`."""
 
   count: chex.Array  # int32 scalar.
-  scale: tuple[chex.Array, ...] | None = None  # as RollbackState.scale
+  layer_scale: _profile.LayerScaleState  # as RollbackState.layer_scale
+  rate: chex.Array  # float32 scalar, as RollbackState.rate
 
 
 def _concrete_float(x: Any) -> np.ndarray | None:
@@ -64,7 +64,7 @@ def check_fraction_range(rate: Any, layer_scale: Any, *, name: str) -> None:
       f"{name}: rate must lie in [0, 1] (it is the fraction of the way back per step), "
       f"got {rate!r}."
     )
-  if callable(layer_scale) or not _paths._is_scalar_like(layer_scale):
+  if callable(layer_scale) or not _paths.is_scalar_like(layer_scale):
     return
   scale_value = _concrete_float(layer_scale)
   if scale_value is None:
@@ -77,10 +77,13 @@ def check_fraction_range(rate: Any, layer_scale: Any, *, name: str) -> None:
     )
 
 
-def _check_scales_in_range(scales: Any, rate: Any, *, name: str) -> None:
-  """Per-leaf check of concrete layer scales (run at init, outside any trace of values)."""
+def _check_scales_in_range(state: _profile.LayerScaleState, rate: Any, *, name: str) -> None:
+  """Per-leaf check of the layer scales resolved at init (concrete values only)."""
+  multipliers = _profile.stored_multipliers(state)
+  if multipliers is None:
+    return
   rate_value = None if callable(rate) else _concrete_float(rate)
-  for path, value in _paths.leaves_with_paths(scales):
+  for path, value in _paths.present_leaves(multipliers):
     v = _concrete_float(value)
     if v is None:
       continue
@@ -95,6 +98,10 @@ def _rate_at(rate: ScalarOrSchedule, count: chex.Array) -> chex.Array:
   return rate(count) if callable(rate) else rate
 
 
+def _rate_state(rate: ScalarOrSchedule, count: chex.Array) -> chex.Array:
+  return jnp.asarray(_rate_at(rate, count), jnp.float32)
+
+
 def _pull_toward(u: chex.Array, p: chex.Array, a: chex.Array | None, lam: Any) -> chex.Array:
   """``u - lam * (p + u - a)`` (``a=None`` means 0), computed in at least float32."""
   if not _paths.is_float_leaf(u):
@@ -106,61 +113,11 @@ def _pull_toward(u: chex.Array, p: chex.Array, a: chex.Array | None, lam: Any) -
   return (u.astype(compute) - jnp.asarray(lam, compute) * post).astype(u.dtype)
 
 
-def _scale_operands(layer_scale: Any, scales: Any) -> tuple[chex.Array, ...] | None:
-  """The per-leaf scales resolved at ``init``, as float32 arrays in leaf order.
-
-  A Python float per leaf would be a different constant inside every leaf's
-  fused kernel, so XLA could not share one kernel between leaves of the same
-  shape (1732 distinct kernels instead of 21 at 2003 leaves: 4-6x adamw's
-  compile time). As state operands the kernels are shared again. A tuple, not a
-  params-shaped tree, so ``optax.tree_map_params`` leaves them alone. They are
-  also checkpointed with the state, so a restored run keeps the depths its
-  ``init`` computed.
-  """
-  if _paths._is_scalar_like(layer_scale):
-    return None
-  if _is_tree_map_params_placeholder(scales):
-    # optax.tree_map_params inits with one placeholder for the whole params tree; a leaf here
-    # makes the tuple a non-params subtree of the real state (transform_non_params gets it).
-    return jnp.zeros((), jnp.float32)  # type: ignore[return-value]
-  return tuple(
-    jnp.asarray(s, jnp.float32) for s in jax.tree.leaves(scales, is_leaf=_paths.is_masked_node)
-    if not _paths.is_masked_node(s)
-  )
-
-
-def _is_tree_map_params_placeholder(tree: Any) -> bool:
-  return type(tree).__name__ == "_ParamsPlaceholder"  # a pytree with no leaves
-
-
-def _scales_for(layer_scale: Any, stored: tuple | None, updates: Any) -> Any:
-  """Per-leaf scales aligned with ``updates`` (MaskedNodes where ``updates`` has them).
-
-  A profile whose numbers are arrays (``optax.inject_hyperparams`` injecting
-  ``power``) is re-evaluated, so a changed value takes effect.
-  """
-  injected = hasattr(layer_scale, "per_leaf_values") and any(
-    isinstance(getattr(layer_scale, f, None), jax.Array) for f in ("start", "end", "power")
-  )
-  if stored is None or injected:
-    return _paths.resolve_per_leaf(layer_scale, updates, name="layer_scale")
-  leaves, treedef = jax.tree.flatten(updates, is_leaf=_paths.is_masked_node)
-  values = iter(stored)
-  aligned = [leaf if _paths.is_masked_node(leaf) else next(values) for leaf in leaves]
-  return jax.tree.unflatten(treedef, aligned)
-
-
-def _masked(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
-  """``optax.masked`` that keeps the params' definition order visible to ``init``."""
+def masked(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
+  """``optax.masked`` with our mask specs (patterns, prefix pytrees, callables)."""
   if mask is None:
     return tx
-  masked = optax.masked(tx, _paths.mask_callable(mask))
-
-  def init_fn(params: optax.Params) -> Any:
-    with _paths.order_hint(params):
-      return masked.init(params)
-
-  return optax.GradientTransformation(init_fn, masked.update)
+  return optax.masked(tx, _paths.mask_callable(mask))
 
 
 def check_anchor_matches(params0: Any, params: Any) -> _paths.PathTable:
@@ -168,8 +125,8 @@ def check_anchor_matches(params0: Any, params: Any) -> _paths.PathTable:
   table = _paths.PathTable(params0, name="params0")
   seen = set()
   for path, leaf in _paths.leaves_with_paths(params):
-    seen.add(path)
-    if path not in table.entries:
+    seen.add(_paths.canonical(path))
+    if _paths.canonical(path) not in table.entries:
       raise ValueError(
         f"params0 does not match params: params has '{_paths.path_str(path)}' with shape "
         f"{tuple(np.shape(leaf)) if not _paths.is_masked_node(leaf) else '(masked)'}, "
@@ -177,7 +134,7 @@ def check_anchor_matches(params0: Any, params: Any) -> _paths.PathTable:
       )
     if _paths.is_masked_node(leaf):
       continue
-    anchor = table.entries[path]
+    anchor = table.get(path)
     if tuple(np.shape(anchor)) != tuple(np.shape(leaf)):
       raise ValueError(
         f"params0 does not match params at '{_paths.path_str(path)}': params0 has shape "
@@ -199,9 +156,13 @@ def check_anchor_matches(params0: Any, params: Any) -> _paths.PathTable:
 
 
 def _store_anchor(x: chex.Array, anchor_dtype: Any) -> chex.Array:
-  if anchor_dtype is not None and _paths.is_float_leaf(x):
-    return jnp.asarray(x, dtype=anchor_dtype)
-  return jnp.array(x, copy=True)
+  """A copy of ``x`` (at ``anchor_dtype``); abstract for an abstract ``x`` (ShapeDtypeStruct)."""
+  def copy(v: chex.Array) -> chex.Array:
+    if anchor_dtype is not None and _paths.is_float_leaf(v):
+      return jnp.asarray(v, dtype=anchor_dtype)
+    return jnp.array(v, copy=True)
+
+  return _paths.on_value(copy, x)
 
 
 def rollback_to(
@@ -269,19 +230,20 @@ def rollback_to(
     else:
       table = check_anchor_matches(params0, params)
       anchor = _paths.map_with_path(
-        lambda path, _x: _store_anchor(table.entries[path], anchor_dtype), params
+        lambda path, _x: _store_anchor(table.get(path), anchor_dtype), params
       )
-    scales = _paths.resolve_per_leaf(layer_scale, params, name="layer_scale", at_init=True)
+    scales = _profile.init_layer_scale(layer_scale, params, name="rollback_to: layer_scale")
     _check_scales_in_range(scales, rate, name="rollback_to")
-    return RollbackState(
-      count=jnp.zeros([], jnp.int32), anchor=anchor, scale=_scale_operands(layer_scale, scales)
-    )
+    count = jnp.zeros([], jnp.int32)
+    return RollbackState(count, anchor, scales, _rate_state(rate, count))
 
   def update_fn(updates, state: RollbackState, params=None):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
     rate_t = _rate_at(rate, state.count)
-    scales = _scales_for(layer_scale, state.scale, updates)
+    scales = _profile.layer_multipliers(
+      layer_scale, state.layer_scale, updates, name="rollback_to"
+    )
     new_updates = jax.tree.map(
       lambda u, p, a, s: u if _paths.is_masked_node(u) else _pull_toward(u, p, a, rate_t * s),
       updates,
@@ -290,9 +252,14 @@ def rollback_to(
       scales,
       is_leaf=_paths.is_masked_node,
     )
-    return new_updates, state._replace(count=optax.safe_increment(state.count))
+    count = optax.safe_increment(state.count)
+    new_state = RollbackState(
+      count, state.anchor, _profile.refreshed(layer_scale, state.layer_scale),
+      _rate_state(rate, count),
+    )
+    return new_updates, new_state
 
-  return _masked(optax.GradientTransformation(init_fn, update_fn), mask)
+  return masked(optax.GradientTransformation(init_fn, update_fn), mask)
 
 
 def layerwise_decay(
@@ -340,17 +307,18 @@ def layerwise_decay(
   check_fraction_range(rate, layer_scale, name="layerwise_decay")
 
   def init_fn(params: optax.Params) -> LayerwiseDecayState:
-    scales = _paths.resolve_per_leaf(layer_scale, params, name="layer_scale", at_init=True)
+    scales = _profile.init_layer_scale(layer_scale, params, name="layerwise_decay: layer_scale")
     _check_scales_in_range(scales, rate, name="layerwise_decay")
-    return LayerwiseDecayState(
-      count=jnp.zeros([], jnp.int32), scale=_scale_operands(layer_scale, scales)
-    )
+    count = jnp.zeros([], jnp.int32)
+    return LayerwiseDecayState(count, scales, _rate_state(rate, count))
 
   def update_fn(updates, state: LayerwiseDecayState, params=None):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
     rate_t = _rate_at(rate, state.count)
-    scales = _scales_for(layer_scale, state.scale, updates)
+    scales = _profile.layer_multipliers(
+      layer_scale, state.layer_scale, updates, name="layerwise_decay"
+    )
     new_updates = jax.tree.map(
       lambda u, p, s: u if _paths.is_masked_node(u) else _pull_toward(u, p, None, rate_t * s),
       updates,
@@ -358,6 +326,10 @@ def layerwise_decay(
       scales,
       is_leaf=_paths.is_masked_node,
     )
-    return new_updates, state._replace(count=optax.safe_increment(state.count))
+    count = optax.safe_increment(state.count)
+    new_state = LayerwiseDecayState(
+      count, _profile.refreshed(layer_scale, state.layer_scale), _rate_state(rate, count)
+    )
+    return new_updates, new_state
 
-  return _masked(optax.GradientTransformation(init_fn, update_fn), mask)
+  return masked(optax.GradientTransformation(init_fn, update_fn), mask)

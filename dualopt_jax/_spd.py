@@ -111,7 +111,7 @@ def spd(
     _tree_norms.stacked_flags(stacked, params)  # raises early on a bad spec
     if params0 is not None and not zero_anchor:
       table = _rollback.check_anchor_matches(params0, params)
-      source = lambda path, x: table.entries[path]
+      source = lambda path, x: table.get(path)
     else:
       source = lambda _path, x: x
 

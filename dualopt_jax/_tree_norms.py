@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dualopt_jax import _paths, _rollback
+from dualopt_jax import _depths, _paths, _rollback
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -32,13 +32,8 @@ def stacked_flags(stacked: Any, tree: Any, *, name: str = "stacked") -> Any:
   if stacked is None or stacked is False:
     return _paths.map_with_path(lambda _p, _x: False, tree)
   if isinstance(stacked, str) and stacked == "auto":
-    from dualopt_jax import _depths
-
-    try:
-      table = _depths.depth_table(tree, granularity="block")
-    except ValueError:  # no depth rule fits this model: nothing is detected as stacked
-      table = {}
-    return _paths.map_with_path(lambda path, _x: np.ndim(table.get(path, 0.0)) > 0, tree)
+    found = _depths.stacked_leaves(tree)
+    return _paths.map_with_path(lambda path, _x: path in found, tree)
   if stacked is True:
     return _paths.map_with_path(lambda _p, x: np.ndim(x) >= 1, tree)
   if isinstance(stacked, str) or (
@@ -136,7 +131,7 @@ def split_spec(spec: Any, *, name: str) -> tuple[Any, Any]:
       f"{name}: a callable must be a schedule ``count -> value`` (one argument) or a per-leaf "
       f"function ``(path, leaf) -> value`` (two arguments); got {spec!r}."
     )
-  if _paths._is_scalar_like(spec):
+  if _paths.is_scalar_like(spec):
     return spec, 1.0
   return 1.0, spec
 

@@ -227,10 +227,8 @@ class EncoderDecoder(nn.Module):
 
 
 @pytest.mark.parametrize("which", ["dualopt-block", "olor-tensor"])
-def test_resume_with_eval_shape_init_keeps_definition_order_depths(
-  tmp_path: Path, which: str
-) -> None:
-  """``olor``: any Linen model (sorted order puts bias before kernel)."""
+def test_resume_with_eval_shape_init_keeps_the_depths(tmp_path: Path, which: str) -> None:
+  """Sorted restore, abstract target: encoder before decoder, kernel before bias, from names."""
   model = EncoderDecoder()
   make = {
     "dualopt-block": lambda: dj.dualopt(1e-1, rollback=0.3),
@@ -240,19 +238,11 @@ def test_resume_with_eval_shape_init_keeps_definition_order_depths(
   y = jnp.ones((3, 2))
   params = model.init(jax.random.key(0), x)["params"]
   loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
-
-  def run(tx, params, state, steps):
-    step = jax.jit(lambda p, s: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
-      tx.update(jax.grad(loss)(p), s, p)))
-    for _ in range(steps):
-      params, state = step(params, state)
-    return params, state
+  tx = make()
+  want, _ = _run(tx, loss, params, tx.init(params), 6)
 
   tx = make()
-  want, _ = run(tx, params, tx.init(params), 6)
-
-  tx = make()
-  p3, s3 = run(tx, params, tx.init(params), 3)
+  p3, s3 = _run(tx, loss, params, tx.init(params), 3)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / "ckpt", {"params": p3, "opt_state": s3})
   checkpointer.wait_until_finished()
@@ -260,27 +250,80 @@ def test_resume_with_eval_shape_init_keeps_definition_order_depths(
   target = {"params": jax.eval_shape(lambda: params),
             "opt_state": jax.eval_shape(tx.init, params)}
   restored = checkpointer.restore(tmp_path / "ckpt", target)
-  got, _ = run(tx, restored["params"], restored["opt_state"], 3)
+  got, _ = _run(tx, loss, restored["params"], restored["opt_state"], 3)
   _assert_bit_identical(got, want)
 
 
-def test_abstract_init_without_definition_order_raises_then_works_after_describe(
-  monkeypatch: pytest.MonkeyPatch,
-) -> None:
-  """A fresh process that only ever runs ``jax.eval_shape(tx.init, ...)`` gets a key-sorted tree.
+def _run(tx, loss, params, state, steps):
+  step = jax.jit(lambda p, s: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
+    tx.update(jax.grad(loss)(p), s, p)))
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
 
-  ``olor`` indexes tensors in definition order, which that tree lacks: it must say so rather than
-  index bias before kernel; one un-jitted ``describe`` (or ``tx.init``) supplies the order.
-  """
-  from dualopt_jax import _profile
 
-  monkeypatch.setattr(_profile, "_TABLES", {})  # as in a new process
+def _save_and_restore(tmp_path: Path, params, state, tx_new):
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", {"params": params, "opt_state": state})
+  checkpointer.wait_until_finished()
+  target = {"params": jax.eval_shape(lambda: params), "opt_state": dj.abstract_state(tx_new, params)}
+  return checkpointer.restore(tmp_path / "ckpt", target)
+
+
+@pytest.mark.parametrize(
+  ("before", "after"),
+  [
+    ({"power": 1.0}, {"power": 2.0}),
+    ({"rollback_floor": 0.0}, {"rollback_floor": 0.5}),
+    ({"mode": "scratch", "decay_profile": "shallow"}, {"mode": "scratch", "decay_profile": "deep"}),
+  ],
+  ids=["power", "rollback_floor", "decay_profile"],
+)
+def test_a_restored_state_trains_with_the_new_profile_numbers(tmp_path, before, after) -> None:
+  """The state keeps depths; the profile's numbers come from the transformation in use."""
   model = EncoderDecoder()
-  params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
-  tx = dj.olor(1e-1, back_level_max=3.0, back_pow=1.0)
-  with pytest.raises(ValueError, match=r"definition order.*dj.describe\(params, tx\)"):
-    jax.eval_shape(tx.init, params)
-  rows = dj.describe(params, tx, print_fn=None)
-  assert [r["path"] for r in rows][:2] == ["encoder_0/kernel", "encoder_0/bias"]
-  target = jax.eval_shape(tx.init, params)
-  assert jax.tree.structure(target) == jax.tree.structure(jax.eval_shape(tx.init, params))
+  x = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda p: jnp.mean((model.apply({"params": p}, x) - 1.0) ** 2)
+  old = dj.dualopt(1e-1, rollback=0.3, weight_decay=0.1, optimizer="sgd", **before)
+  new = dj.dualopt(1e-1, rollback=0.3, weight_decay=0.1, optimizer="sgd", **after)
+  p3, s3 = _run(old, loss, params, old.init(params), 3)
+  restored = _save_and_restore(tmp_path, p3, s3, new)
+  got, state = _run(new, loss, restored["params"], restored["opt_state"], 2)
+  # The same moments, anchor and depths, with the new transformation's own profile numbers.
+  (pull_new,) = _pull_states(new.init(params))
+  fresh = jax.tree.map(lambda x: x, s3)
+  fresh = (fresh[0], fresh[1]._replace(layer_scale=pull_new.layer_scale))
+  want, _ = _run(new, loss, p3, fresh, 2)
+  _assert_bit_identical(got, want)
+  stale, _ = _run(old, loss, p3, s3, 2)
+  assert any(not np.array_equal(a, b) for a, b in zip(
+    jax.tree.leaves(got), jax.tree.leaves(stale), strict=True)), "the new numbers had no effect"
+  (pull,) = _pull_states(state)  # after an update the state shows the numbers in use
+  assert float(pull.layer_scale.power) == float(new_power(after))
+  assert float(pull.layer_scale.end) == float(pull_new.layer_scale.end)
+
+
+def new_power(settings: dict) -> float:
+  return settings.get("power", 1.0)
+
+
+def _pull_states(state):
+  kinds = (dj.RollbackState, dj.LayerwiseDecayState)
+  return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds))
+          if isinstance(s, kinds)]
+
+
+def test_restoring_under_other_depth_settings_fails_loudly(tmp_path: Path) -> None:
+  """Granularity (or order/stacked) decides the stored depths: a silent mix is impossible."""
+  model = EncoderDecoder()
+  x = jnp.ones((1, 4))
+  params = model.init(jax.random.key(0), x)["params"]
+  block = dj.dualopt(1e-2, rollback=0.3)
+  tensor = dj.dualopt(1e-2, rollback=0.3, granularity="tensor")
+  state = block.init(params)
+  with pytest.raises(ValueError, match=r"(?s)do not match.*layer_scale.per_leaf.tensor"):
+    _save_and_restore(tmp_path, params, state, tensor)
+  grads = jax.tree.map(jnp.ones_like, params)
+  with pytest.raises(ValueError, match=r"settings 'block', but this transformation uses 'tensor'"):
+    tensor.update(grads, state, params)

@@ -181,8 +181,8 @@ class _MLP(nn.Module):
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_olor_tensor_granularity_on_linen_mlp(optimizer: str, dtype: str) -> None:
   params = _cast(_MLP().init(jax.random.key(0), jnp.ones((1, 4)))["params"], dtype)
-  # Definition order, written out by hand: Linen creates kernel before bias, and
-  # the LayerNorm's scale before its bias.
+  # Forward order, written out by hand: each layer's kernel before its bias, and the LayerNorm
+  # (whose place the names do not say) between Dense_0 and Dense_1.
   order = [
     ("Dense_0", "kernel"), ("Dense_0", "bias"), ("LayerNorm_0", "scale"),
     ("LayerNorm_0", "bias"), ("Dense_1", "kernel"), ("Dense_1", "bias"),
@@ -195,8 +195,9 @@ def test_olor_tensor_granularity_on_linen_mlp(optimizer: str, dtype: str) -> Non
   noise = {b: {k: rng.normal(size=(STEPS, *np.shape(params[b][k]))).astype(np.float32)
                for bb, k in order if bb == b} for b in params}
   schedule = optax.warmup_cosine_decay_schedule(0.0, peak, WARMUP, STEPS, end_value=0.0)
+  forward = dj.forward_order(lambda p, x: _MLP().apply({"params": p}, x), params, jnp.ones((1, 4)))
   tx = dj.olor(schedule, back_level_max=kappa_max, back_level_min=0.1, back_pow=1.0,
-               optimizer=optimizer)
+               optimizer=optimizer, order=forward)
   lr = ref.warmup_cosine(peak, WARMUP, STEPS)
   out = ref.run(
     [np.asarray(params[b][k]) for b, k in order],
@@ -258,20 +259,24 @@ def test_olor_rollback_fraction_above_one_is_rejected_at_init() -> None:
     tx.init({"w": jnp.ones(2), "b": jnp.ones(2)})
 
 
+def test_olor_without_a_forward_order_names_the_ambiguous_groups() -> None:
+  params = _MLP().init(jax.random.key(1), jnp.ones((1, 4)))["params"]
+  with pytest.raises(ValueError, match=r"(?s)'Dense_\*', 'LayerNorm_0'.*dj\.forward_order"):
+    dj.olor(0.1).init(params)
+
+
 @pytest.mark.parametrize("jit_init", [False, True])
-def test_olor_with_head_indexes_the_backbone_in_definition_order(jit_init: bool) -> None:
+def test_olor_with_head_indexes_the_backbone_in_forward_order(jit_init: bool) -> None:
   """``head=`` masks through ``optax.masked``, whose init sees a key-sorted copy of the params."""
   params = _MLP().init(jax.random.key(1), jnp.ones((1, 4)))["params"]
   backbone = [("Dense_0", "kernel"), ("Dense_0", "bias"), ("LayerNorm_0", "scale"),
               ("LayerNorm_0", "bias"), ("Dense_1", "kernel"), ("Dense_1", "bias")]
   lr, kappa_max = 0.1, 5.0
   kappa = ref.olor_kappa(len(backbone), kappa_max, 0.0, 1.0)
-  tx = dj.olor(lr, back_level_max=kappa_max, back_pow=1.0, optimizer="sgd", head="Dense_2")
-  if jit_init:
-    dj.describe(params, tx, print_fn=None)  # supplies the definition order once, un-jitted
-    state = jax.jit(tx.init)(params)
-  else:
-    state = tx.init(params)
+  forward = dj.forward_order(lambda p, x: _MLP().apply({"params": p}, x), params, jnp.ones((1, 4)))
+  tx = dj.olor(lr, back_level_max=kappa_max, back_pow=1.0, optimizer="sgd", head="Dense_2",
+               order=forward)
+  state = jax.jit(tx.init)(params) if jit_init else tx.init(params)
   grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
   updates, _ = tx.update(grads, state, params)
   # SGD's first step is -lr*g; the rollback then adds lr*kappa_i*lr*g: recover kappa_i per tensor.

@@ -134,7 +134,7 @@ def test_mask_keeps_full_lr() -> None:
     ({"decay": 0.8, "depths": {"a": 2.0, "b": 0.0}}, "depths for 'a' must lie in"),
     ({"decay": 0.8, "depths": {"a": 0.0}}, "no entry for parameter path 'b'"),
     ({"decay": 0.8, "depths": {"a": 0.0, "b": 1.0}, "num_layers": 1.5}, "num_layers"),
-    ({"decay": 0.8}, "no depth rule matches 'a'"),
+    ({"decay": 0.8, "order": ["a"]}, "'b' matches none of the order patterns"),
     (
       {"decay": 0.8, "mask": {"a": True}, "depths": {"a": 0.0, "b": 1.0}},
       "mask: mask has no entry for parameter path 'b'",

@@ -33,10 +33,11 @@ class Context:
   steps: int
   base_lr: float  # peak lr for methods that do not tune the lr
   head: str | None  # glob of the newly initialised head, or None (language: head is pre-trained)
-  # Non-head tensor paths in the model's definition order (for depth-by-tensor profiles). Passed
-  # explicitly because a head mask (optax.masked) hands init a key-sorted tree, which loses it.
-  order: tuple[str, ...] | None = None
-  # Block depths in [0, 1] of the non-head parameters (a pytree over them), for composed methods.
+  # The model's forward order (dj.forward_order), for depth-by-tensor profiles: the names of a
+  # Transformer block do not say the order of its norm, attention and MLP.
+  order: Any = None
+  # Block depths in [0, 1] of the non-head parameters (a pytree over them; None for the head),
+  # for composed methods.
   depths: Any = None
 
 
@@ -138,7 +139,7 @@ def _olor_reference(ctx: Context, hp: Any) -> optax.GradientTransformation:
   olor = _import("_dualopt:olor")
   return olor(
     cosine(hp, ctx.steps), back_level_max=0.01 / hp, back_level_min=0.0, back_pow=1.0,
-    head=ctx.head,
+    head=ctx.head, order=ctx.order,
   )
 
 

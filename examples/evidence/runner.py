@@ -8,10 +8,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from dualopt_jax import _depths, _paths
+import dualopt_jax as dj
 
 from . import methods as methods_lib
 from . import stats, train
@@ -49,11 +50,11 @@ def run_methods(
   base_lr = protocol.base_lr
   order = depths = None
   if template is not None:
-    is_head = _paths.path_filter(protocol.head) if protocol.head else (lambda _p: False)
-    order = tuple(_paths.path_str(p) for p, _ in _paths.definition_order(template)
-                  if not is_head(p))
-    body = {k: v for k, v in template.items() if not is_head((k,))}
-    depths = _depths.layer_depths(body, granularity="block")
+    # Tensor-granularity profiles need the forward order where the names do not say it (the
+    # norm, attention and MLP inside a Transformer block); it is traced from the loss once.
+    batch = task.sample(jax.random.key(0), task.data)
+    order = dj.forward_order(task.loss_fn, template, batch)
+    depths = dj.layer_depths(template, head=protocol.head)
   bar = tqdm(methods, desc="methods", disable=not progress)
   for m in bar:
     bar.set_postfix_str(m.name)

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dualopt_jax import _paths
+from dualopt_jax import _depths, _paths
 
 TxFactory = Callable[[Any], optax.GradientTransformation]
 
@@ -65,14 +65,14 @@ class GridRun:
 def drift_groups(
   params: Any, group_of: Callable[[tuple], str]
 ) -> tuple[list[str], list[list[int]]]:
-  """Group names in definition order and, per group, its leaves' indices in jax.tree order."""
-  order = [p for p, _ in _paths.definition_order(params)]
+  """Group names input to output (by depth), and per group its leaves' indices in jax.tree order."""
+  depths = {p: float(np.min(d)) for p, d in _depths.depth_table(params).items()}
   flat_paths = [p for p, _ in _paths.leaves_with_paths(params)]
-  names: list[str] = []
-  for p in order:
+  first: dict[str, tuple[float, str]] = {}
+  for p in flat_paths:
     g = group_of(p)
-    if g not in names:
-      names.append(g)
+    first[g] = min(first.get(g, (np.inf, "")), (depths[p], _paths.path_str(p)))
+  names = sorted(first, key=lambda g: first[g])
   members = [[i for i, p in enumerate(flat_paths) if group_of(p) == g] for g in names]
   return names, members
 
@@ -126,22 +126,17 @@ def train_grid(
     seed_keys: (S, 2) uint32 keys for batch order.
     steps: the step budget (the same for every method).
     chunk: steps per compiled call (progress granularity).
-    template: one model's parameters as the model created them (e.g.
-      ``model.init(...)['params']``, dicts in definition order). ``tx.init``
-      runs on it once, eagerly, before the vmapped run, so optimizers that need
-      the model's definition order (depth profiles by tensor) record it; the
-      trees inside ``jit``/``vmap`` are key-sorted.
+    template: one model's parameters (e.g. ``model.init(...)['params']``),
+      for the drift groups.
 
   Returns:
     A :class:`GridRun`.
   """
   start = time.perf_counter()
-  if template is not None:
-    make_tx(float(hps[0])).init(template)
   hps_arr = np.asarray(hps, np.float32)
   h, s = len(hps_arr), int(seed_keys.shape[0])
   one = template if template is not None else jax.tree.map(lambda x: x[0], params0)
-  groups, members = drift_groups(one, task.group_of)  # names in definition order if known
+  groups, members = drift_groups(one, task.group_of)
   drift = _drift_fn(members)
   chunk = max(1, min(chunk, steps))
 
