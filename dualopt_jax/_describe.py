@@ -34,7 +34,6 @@ class Strength:
   values: dict[_paths.Path, Any]
   multipliers: dict[_paths.Path, Any]
   depths: dict[_paths.Path, Any]
-  covers_all: bool  # the state does not say which leaves it covers: every present one
 
 
 def _unwrapped(tree: Any) -> Any:
@@ -44,21 +43,19 @@ def _unwrapped(tree: Any) -> Any:
   )
 
 
-def find_states(opt_state: Any, types: tuple[type, ...] = _STATES) -> Iterator[tuple[Any, bool]]:
-  """Every state of ``types`` inside ``opt_state`` (any pytree of wrappers), and whether it
-  sits under an ``optax.masked``/``optax.partition``."""
+def find_states(opt_state: Any, types: tuple[type, ...] = _STATES) -> Iterator[Any]:
+  """Every state of ``types`` inside ``opt_state`` (any pytree of Optax wrappers)."""
 
-  def walk(node: Any, masked: bool) -> Iterator[tuple[Any, bool]]:
+  def walk(node: Any) -> Iterator[Any]:
     if isinstance(node, types):
-      yield node, masked
+      yield node
       return
-    masked = masked or isinstance(node, (optax.MaskedState, optax.transforms.PartitionState))
     children = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)[0]
     if not (len(children) == 1 and children[0] is node):
       for child in children:
-        yield from walk(child, masked)
+        yield from walk(child)
 
-  yield from walk(_unwrapped(opt_state), False)
+  yield from walk(_unwrapped(opt_state))
 
 
 def _table(tree: Any) -> dict[_paths.Path, Any]:
@@ -68,37 +65,32 @@ def _table(tree: Any) -> dict[_paths.Path, Any]:
 def strengths(opt_state: Any) -> list[Strength]:
   """What every known state inside ``opt_state`` applies on the next update (traceable)."""
   out = []
-  for state, masked in find_states(opt_state):
+  for state in find_states(opt_state):
     if isinstance(state, (RollbackState, LayerwiseDecayState)):
-      out.append(_pull_strength(state, masked))
+      out.append(_pull_strength(state))
     elif isinstance(state, ProjectionState):
       out.append(_projection_strength(state))
     else:
-      exps = _table(state.exponent)
+      ((_, exponents),) = state.exponent.items()
+      exps = _table(exponents)
       decay = jnp.asarray(state.decay, jnp.float32)
       values = {p: jnp.power(decay, jnp.asarray(e, jnp.float32)) for p, e in exps.items()}
-      out.append(Strength("lr_scale", values, {}, {}, False))
+      out.append(Strength("lr_scale", values, {}, {}))
   return out
 
 
-def _pull_strength(state: Any, masked: bool) -> Strength:
+def _pull_strength(state: Any) -> Strength:
   kind = "rollback" if isinstance(state, RollbackState) else "decay"
   scale = state.layer_scale
   stored = _profile.stored_multipliers(scale)
   depths = _profile.stored_depths(scale)
   rate = jnp.asarray(state.rate, jnp.float32)
-  covers_all = False
   if stored is not None:
     multipliers = _table(stored)
-  elif isinstance(state, RollbackState):  # a scalar scale: the anchor says which leaves
+  else:  # a scalar scale: the anchor says which leaves
     multipliers = {p: scale.start for p in _table(state.anchor)}
-  elif masked:  # a scalar decay under a mask: the state does not say which leaves
-    multipliers = {}
-  else:
-    multipliers, covers_all = {"*": scale.start}, True
   values = {p: rate * m for p, m in multipliers.items()}
-  return Strength(kind, values, multipliers, _table(depths) if depths is not None else {},
-                  covers_all)
+  return Strength(kind, values, multipliers, _table(depths) if depths is not None else {})
 
 
 def _projection_strength(state: ProjectionState) -> Strength:
@@ -110,15 +102,11 @@ def _projection_strength(state: ProjectionState) -> Strength:
     multipliers = {p: state.layer_scale.start for p in _table(state.anchor)}
   values = {p: radius * m for p, m in multipliers.items()}
   depths = _profile.stored_depths(state.layer_scale)
-  return Strength("radius", values, multipliers, _table(depths) if depths is not None else {},
-                  False)
+  return Strength("radius", values, multipliers, _table(depths) if depths is not None else {})
 
 
 def _value_for(strength: Strength, table: str, path: _paths.Path) -> Any:
-  values = getattr(strength, table)
-  if "*" in values:
-    return values["*"]
-  return values.get(_paths.canonical(path))
+  return getattr(strength, table).get(_paths.canonical(path))
 
 
 class LayerTable(list):
@@ -150,6 +138,13 @@ def describe(
   (``chain``, ``named_chain``, ``inject_hyperparams``, ``MultiSteps``,
   ``apply_if_finite``, ``masked``, ``partition``, ``nnx.Optimizer``'s
   ``opt_state``), also after an Orbax restore in a fresh process.
+
+  The values are what the next update applies when it is made by the
+  transformation that produced the state. Two cases where the state cannot
+  know: under ``optax.inject_hyperparams`` with a *scheduled* hyper-parameter
+  (the wrapper evaluates the schedule and passes a scalar in, so the table
+  shows the last update's value), and right after restoring into a
+  transformation with other profile numbers (until its first update).
 
   Args:
     params: the model's parameters (any wrapping); one row per leaf.
@@ -218,6 +213,8 @@ def _profile_rows(params: Any, profile: _profile.LayerProfile) -> list[dict[str,
 
 def _state_rows(params: Any, found: list[Strength], kinds: tuple[str, ...]) -> list[dict]:
   rows = []
+  # depth/multiplier columns: the rollback/decay profile's where there is one, else the radius'.
+  found = sorted(found, key=lambda s: s.kind == "radius")
   for path, leaf in _paths.present_leaves(params):
     row: dict[str, Any] = {"path": _paths.path_str(path), "shape": tuple(np.shape(leaf)),
                            "depth": None, "multiplier": None}
@@ -227,11 +224,10 @@ def _state_rows(params: Any, found: list[Strength], kinds: tuple[str, ...]) -> l
       if value is None:
         continue
       row[strength.kind] = _combine(strength.kind, row[strength.kind], _concrete(value))
-      if strength.kind in ("rollback", "decay", "radius"):
+      if strength.kind in ("rollback", "decay", "radius") and row["multiplier"] is None:
         row["multiplier"] = _concrete(_value_for(strength, "multipliers", path))
         depth = strength.depths.get(_paths.canonical(path))
-        if depth is not None:
-          row["depth"] = _concrete(depth)
+        row["depth"] = None if depth is None else _concrete(depth)
     rows.append(row)
   return rows
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,11 +26,16 @@ def anchor_from_state(opt_state: Any) -> Any:
   fine-tune mode, ``olor``), ``spd``, ``add_l2sp_gradient``/``decay_to_anchor``
   or ``project_to_anchor`` state. Raises ``ValueError`` when there is none.
   """
-  for state, _ in _describe.find_states(opt_state, _ANCHORED):
+  for state in _describe.find_states(opt_state, _ANCHORED):
     return state.anchor
+  hint = ""
+  if not any(True for _ in _describe.find_states(opt_state)) and all(
+    hasattr(x, "shape") for x in jax.tree.leaves(opt_state)
+  ):
+    hint = " (opt_state is drift's second argument: to pass the anchor, write params0=...)"
   raise ValueError(
     "drift: params0 is None and opt_state holds no anchor (no rollback_to / dualopt "
-    "fine-tune / spd / l2sp / project_to_anchor state); pass params0."
+    f"fine-tune / spd / l2sp / project_to_anchor state); pass params0{hint}."
   )
 
 
@@ -142,15 +148,14 @@ def drift(
     if not _paths.is_masked_node(x) and _paths.is_float_leaf(x)
   ]
   if from_state:  # leaves the transformation keeps no anchor for (a head, a zero anchor)
-    leaves = [(p, x) for p, x in leaves if p in anchor.entries]
+    leaves = [(p, x) for p, x in leaves if anchor.lookup(p)[0]]
   if not leaves:
     raise ValueError("drift: no float leaf of params has an anchor.")
   for path, _ in leaves:
-    if path not in anchor.entries:
-      anchor.get(path)  # raises, naming the path
+    anchor.get(path)  # raises, naming the path, when params0 lacks it
 
   def sq(path, x, st):
-    a = anchor.entries[path]
+    a = anchor.get(path)
     xf = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
     axes = _tree_norms.reduce_axes(np.ndim(x), stacked=st, per="tensor")
     af = jnp.asarray(a, xf.dtype)
@@ -189,7 +194,7 @@ def _strengths(params: Any, opt_state: Any) -> dict[str, Any]:
   paths = [p for p, x in _paths.present_leaves(params) if _paths.is_float_leaf(x)]
   for strength in _describe.strengths(opt_state):
     for path in paths:
-      value = strength.values.get("*", strength.values.get(_paths.canonical(path)))
+      value = strength.values.get(_paths.canonical(path))
       if value is not None:
         value = jnp.asarray(value, jnp.float32)
         out[f"{strength.kind}/{_paths.path_str(path)}"] = jnp.ravel(value) if value.ndim else value

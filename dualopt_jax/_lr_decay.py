@@ -162,7 +162,7 @@ def layerwise_lr_decay(
       )
     count = jnp.zeros([], jnp.int32)
     key = _exponent_key(depths, num_layers, granularity, order, stacked)
-    exps = _paths.map_with_path(lambda _p, e: jnp.asarray(e, jnp.float32), exps)
+    exps = _paths.map_with_path(lambda _p, e: _paths.operand(e), exps)
     return LayerwiseLRDecayState(count, {key: exps}, _decay_state(decay, count))
 
   def update_fn(updates, state: LayerwiseLRDecayState, params=None):

@@ -114,6 +114,17 @@ def on_value(fn: Callable[[Any], Any], x: Any) -> Any:
   return fn(x)
 
 
+def operand(value: Any, dtype: Any = jnp.float32) -> jax.Array:
+  """``value`` (a Python or NumPy number/array) as a state array, built by a JAX op.
+
+  ``jnp.asarray(numpy_array)`` lands on the default device even under
+  ``jax.set_mesh``, while the same line inside ``jax.jit(tx.init)`` gives a
+  mesh array; an op on ``jnp.zeros`` gives the same type eagerly and jitted
+  (Optax's sharding tests compare them).
+  """
+  return jnp.zeros(np.shape(value), dtype) + jnp.asarray(value, dtype)
+
+
 def is_float_leaf(x: Any) -> bool:
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
 

@@ -139,7 +139,7 @@ def _numbers(spec: Any) -> tuple[Any, Any, Any, Any]:
 
 def _numbers_state(spec: Any, per_leaf: dict[str, Any]) -> LayerScaleState:
   start, end, power, flip = _numbers(spec)
-  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  f32 = _paths.operand
   return LayerScaleState(per_leaf, f32(start), f32(end), f32(power), jnp.asarray(flip, bool))
 
 
@@ -167,14 +167,23 @@ def spec_tag(spec: Any) -> str:
   """
   if isinstance(spec, LayerProfile):
     return spec.tag
+  if not is_per_leaf(spec):
+    return "constant"
   if callable(spec):
     return "scale"
   return values_tag(spec)
 
 
-def init_layer_scale(spec: Any, params: Any, *, name: str) -> LayerScaleState:
-  """The state of ``spec`` for ``params`` (present leaves; MaskedNodes stay)."""
-  if not is_per_leaf(spec):
+def init_layer_scale(
+  spec: Any, params: Any, *, name: str, mark_coverage: bool = False
+) -> LayerScaleState:
+  """The state of ``spec`` for ``params`` (present leaves; MaskedNodes stay).
+
+  A scalar ``spec`` stores nothing per leaf, unless ``mark_coverage``: then a
+  bool per covered leaf (for a transformation with no anchor, whose state
+  would not otherwise say which leaves an ``optax.masked`` left it).
+  """
+  if not is_per_leaf(spec) and not mark_coverage:
     return _numbers_state(spec, {})
   tag = spec_tag(spec)
   if not jax.tree.leaves(params, is_leaf=_paths.is_masked_node):
@@ -183,10 +192,12 @@ def init_layer_scale(spec: Any, params: Any, *, name: str) -> LayerScaleState:
     return _numbers_state(spec, {tag: jnp.zeros((), jnp.float32)})
   if isinstance(spec, LayerProfile):
     table = spec.depths(params)
-    tree = _paths.map_with_path(lambda p, _x: jnp.asarray(table[p], jnp.float32), params)
+    tree = _paths.map_with_path(lambda p, _x: _paths.operand(table[p]), params)
+  elif not is_per_leaf(spec):
+    tree = _paths.map_with_path(lambda _p, _x: jnp.ones((), bool), params)
   else:
     values = _paths.resolve_per_leaf(spec, params, name=name)
-    tree = _paths.map_with_path(lambda _p, v: jnp.asarray(v, jnp.float32), values)
+    tree = _paths.map_with_path(lambda _p, v: _paths.operand(v), values)
   return _numbers_state(spec, {tag: tree})
 
 
@@ -230,10 +241,12 @@ def refreshed(spec: Any, state: LayerScaleState) -> LayerScaleState:
 
 
 def stored_multipliers(state: LayerScaleState) -> Any:
-  """Per-leaf multipliers from the state alone (for describe/drift); None for a scalar scale."""
+  """Per-leaf multipliers from the state alone (for describe/drift); None if it has no leaves."""
   if not state.per_leaf:
     return None
   ((tag, tree),) = state.per_leaf.items()
+  if tag == "constant":
+    return _paths.map_with_path(lambda _p, _x: state.start, tree)
   if tag.startswith("scale"):
     return tree
   flip = jnp.asarray(state.flip, bool)
@@ -251,7 +264,7 @@ def stored_depths(state: LayerScaleState) -> Any:
   if not state.per_leaf:
     return None
   ((tag, tree),) = state.per_leaf.items()
-  return None if tag.startswith("scale") else tree
+  return None if tag.startswith("scale") or tag == "constant" else tree
 
 
 def as_tuple(spec: Any) -> Any:

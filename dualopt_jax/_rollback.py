@@ -307,7 +307,9 @@ def layerwise_decay(
   check_fraction_range(rate, layer_scale, name="layerwise_decay")
 
   def init_fn(params: optax.Params) -> LayerwiseDecayState:
-    scales = _profile.init_layer_scale(layer_scale, params, name="layerwise_decay: layer_scale")
+    scales = _profile.init_layer_scale(
+      layer_scale, params, name="layerwise_decay: layer_scale", mark_coverage=True
+    )
     _check_scales_in_range(scales, rate, name="layerwise_decay")
     count = jnp.zeros([], jnp.int32)
     return LayerwiseDecayState(count, scales, _rate_state(rate, count))

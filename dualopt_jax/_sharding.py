@@ -295,7 +295,8 @@ def abstract_state(
     lambda _p, x: jax.ShapeDtypeStruct(_shape_of(x), x.dtype), params
   )
   return jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    lambda a, s: a if _paths.is_masked_node(a) else jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                                          sharding=s),
     jax.eval_shape(tx.init, abstract_params),
     sh,
     is_leaf=_paths.is_masked_node,

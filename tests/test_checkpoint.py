@@ -266,7 +266,8 @@ def _save_and_restore(tmp_path: Path, params, state, tx_new):
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / "ckpt", {"params": params, "opt_state": state})
   checkpointer.wait_until_finished()
-  target = {"params": jax.eval_shape(lambda: params), "opt_state": dj.abstract_state(tx_new, params)}
+  target = {"params": jax.eval_shape(lambda: params),
+            "opt_state": dj.abstract_state(tx_new, params)}
   return checkpointer.restore(tmp_path / "ckpt", target)
 
 

@@ -79,6 +79,33 @@ def test_glob_mask_skips_leaves_and_stores_no_anchor_for_them() -> None:
   np.testing.assert_allclose(got["body"]["w"], 2.0 - 0.5 * (1.0 + 2.0 - 1.0))
 
 
+@pytest.mark.parametrize("kind", ["prefix_pytree", "prefix_callable"])
+def test_a_mask_may_be_a_prefix_of_the_params_tree(kind: str) -> None:
+  """Optax's mask contract: one bool may stand for a whole subtree."""
+  params = {"body": {"a": {"w": jnp.ones(2)}, "b": {"w": jnp.ones(2)}}, "head": {"w": jnp.ones(2)}}
+  prefix = {"body": True, "head": False}
+  mask = prefix if kind == "prefix_pytree" else (lambda _params: prefix)
+  state = dj.rollback_to(rate=0.5, mask=mask).init(params)
+  anchor = state.inner_state.anchor
+  assert isinstance(anchor["head"]["w"], optax.MaskedNode)
+  assert not isinstance(anchor["body"]["a"]["w"], optax.MaskedNode)
+  assert not isinstance(anchor["body"]["b"]["w"], optax.MaskedNode)
+
+
+def test_patterns_are_anchored_and_one_that_matches_nothing_is_an_error() -> None:
+  params = {"encoder": {"head": {"w": jnp.ones(2)}}, "head": {"w": jnp.ones(2)}}
+  state = dj.rollback_to(rate=0.5, mask="head").init(params)
+  anchor = state.inner_state.anchor
+  assert isinstance(anchor["encoder"]["head"]["w"], optax.MaskedNode)  # not under the root's head
+  assert not isinstance(anchor["head"]["w"], optax.MaskedNode)
+  state = dj.rollback_to(rate=0.5, mask="**/head").init(params)
+  assert not isinstance(state.inner_state.anchor["encoder"]["head"]["w"], optax.MaskedNode)
+  with pytest.raises(ValueError, match="pattern 'haed' matches no parameter"):
+    dj.rollback_to(rate=0.5, mask="haed").init(params)
+  with pytest.raises(ValueError, match="dualopt: head: pattern 'clasifier' matches no parameter"):
+    dj.dualopt(1e-3, head="clasifier").init(params)
+
+
 def test_integer_leaves_pass_through() -> None:
   params = {"w": jnp.ones(2), "step": jnp.array(3, jnp.int32)}
   updates = {"w": jnp.ones(2), "step": jnp.array(1, jnp.int32)}
