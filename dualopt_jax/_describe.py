@@ -24,16 +24,16 @@ _STATES = (RollbackState, LayerwiseDecayState, ProjectionState, LayerwiseLRDecay
 class Strength:
   """What one transformation's state says about the next update.
 
-  ``values`` maps canonical paths to the per-step value (rollback/decay
+  ``values`` maps path keys (``_profile.key``) to the per-step value (rollback/decay
   fraction, projection radius, lr scale) of every leaf the transformation
   covers; ``multipliers`` and ``depths`` the layer-scale multipliers and
   depths where the state holds them.
   """
 
   kind: str
-  values: dict[_paths.Path, Any]
-  multipliers: dict[_paths.Path, Any]
-  depths: dict[_paths.Path, Any]
+  values: dict[str, Any]
+  multipliers: dict[str, Any]
+  depths: dict[str, Any]
 
 
 def _unwrapped(tree: Any) -> Any:
@@ -58,8 +58,8 @@ def find_states(opt_state: Any, types: tuple[type, ...] = _STATES) -> Iterator[A
   yield from walk(_unwrapped(opt_state))
 
 
-def _table(tree: Any) -> dict[_paths.Path, Any]:
-  return {_paths.canonical(p): x for p, x in _paths.present_leaves(tree)}
+def _table(tree: Any) -> dict[str, Any]:
+  return {_profile.key(p): x for p, x in _paths.present_leaves(tree)}
 
 
 def strengths(opt_state: Any) -> list[Strength]:
@@ -85,28 +85,23 @@ def _pull_strength(state: Any) -> Strength:
   stored = _profile.stored_multipliers(scale)
   depths = _profile.stored_depths(scale)
   rate = jnp.asarray(state.rate, jnp.float32)
-  if stored is not None:
-    multipliers = _table(stored)
-  else:  # a scalar scale: the anchor says which leaves
-    multipliers = {p: scale.start for p in _table(state.anchor)}
-  values = {p: rate * m for p, m in multipliers.items()}
-  return Strength(kind, values, multipliers, _table(depths) if depths is not None else {})
+  if stored is None:  # a scalar scale: the anchor says which leaves
+    stored = {p: scale.start for p in _table(state.anchor)}
+  values = {p: rate * m for p, m in stored.items()}
+  return Strength(kind, values, stored, depths or {})
 
 
 def _projection_strength(state: ProjectionState) -> Strength:
   stored = _profile.stored_multipliers(state.layer_scale)
   radius = jnp.asarray(state.radius, jnp.float32)
-  if stored is not None:
-    multipliers = _table(stored)
-  else:
-    multipliers = {p: state.layer_scale.start for p in _table(state.anchor)}
-  values = {p: radius * m for p, m in multipliers.items()}
-  depths = _profile.stored_depths(state.layer_scale)
-  return Strength("radius", values, multipliers, _table(depths) if depths is not None else {})
+  if stored is None:
+    stored = {p: state.layer_scale.start for p in _table(state.anchor)}
+  values = {p: radius * m for p, m in stored.items()}
+  return Strength("radius", values, stored, _profile.stored_depths(state.layer_scale) or {})
 
 
 def _value_for(strength: Strength, table: str, path: _paths.Path) -> Any:
-  return getattr(strength, table).get(_paths.canonical(path))
+  return getattr(strength, table).get(_profile.key(path))
 
 
 class LayerTable(list):
@@ -226,7 +221,7 @@ def _state_rows(params: Any, found: list[Strength], kinds: tuple[str, ...]) -> l
       row[strength.kind] = _combine(strength.kind, row[strength.kind], _concrete(value))
       if strength.kind in ("rollback", "decay", "radius") and row["multiplier"] is None:
         row["multiplier"] = _concrete(_value_for(strength, "multipliers", path))
-        depth = strength.depths.get(_paths.canonical(path))
+        depth = strength.depths.get(_profile.key(path))
         row["depth"] = None if depth is None else _concrete(depth)
     rows.append(row)
   return rows

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualopt_jax import _depths, _describe, _paths, _tree_norms
+from dualopt_jax import _depths, _describe, _paths, _profile, _tree_norms
 from dualopt_jax._l2sp import L2SPState
 from dualopt_jax._projection import ProjectionState
 from dualopt_jax._rollback import RollbackState
@@ -194,7 +194,7 @@ def _strengths(params: Any, opt_state: Any) -> dict[str, Any]:
   paths = [p for p, x in _paths.present_leaves(params) if _paths.is_float_leaf(x)]
   for strength in _describe.strengths(opt_state):
     for path in paths:
-      value = strength.values.get(_paths.canonical(path))
+      value = strength.values.get(_profile.key(path))
       if value is not None:
         value = jnp.asarray(value, jnp.float32)
         out[f"{strength.kind}/{_paths.path_str(path)}"] = jnp.ravel(value) if value.ndim else value

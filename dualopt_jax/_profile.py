@@ -96,9 +96,24 @@ class LayerProfile:
     )
 
   def multiplier(self, depth: Any) -> Any:
-    """The profile's value at ``depth`` (float32; traceable)."""
-    d = jnp.asarray(depth, jnp.float32)
-    return _depths.profile_value(1.0 - d if self.flip else d, self.start, self.end, self.power)
+    """The profile's value at ``depth`` in [0, 1] (float32; traceable)."""
+    return self.at_height(1.0 - jnp.asarray(depth, jnp.float32))
+
+  def at_height(self, height: Any) -> Any:
+    """The profile's value at ``height = 1 - depth`` (what optimizer states store).
+
+    Python-number settings fold at trace time: the default (``start=1,
+    end=0, power=1``, no flip) is the height itself, no op in the update.
+    """
+    h = jnp.asarray(height, jnp.float32)
+    remaining = 1.0 - h if self.flip else h  # in [0, 1]: depths are ours
+    numbers = (self.start, self.end, self.power)
+    if not all(isinstance(v, (int, float)) for v in numbers):
+      return self.end + remaining**self.power * (self.start - self.end)
+    start, end, power = (float(v) for v in numbers)
+    shaped = remaining if power == 1.0 else remaining**power
+    scaled = shaped if start - end == 1.0 else shaped * (start - end)
+    return scaled if end == 0.0 else scaled + end
 
   def values(self, tree: Any) -> Any:
     """The multipliers for ``tree``'s leaves, as Python floats / NumPy arrays."""
@@ -114,19 +129,36 @@ class LayerProfile:
 class LayerScaleState(NamedTuple):
   """A ``layer_scale`` as the optimizer state holds it.
 
-  ``per_leaf`` maps one settings key to a params-shaped tree of float32
-  operands: depths (keys ``'block'``/``'tensor'``/``'block_…'``) or the
-  scales themselves (``'scale_…'``); it is empty for a scalar scale. The
-  numbers are the profile's at the last ``init``/``update``
-  (what :func:`~dualopt_jax.describe` shows; a scalar scale ``s`` is the
-  constant profile ``start = end = s``).
+  ``per_leaf`` maps one settings key to ``{path: float32 operand}`` for every
+  leaf the transformation covers (paths ``'a/b/0/c'``, a leading ``params``
+  collection dropped): for a :class:`LayerProfile` the leaf's height ``1 -
+  depth`` (keys ``'block'``/``'tensor'``/``'block_…'``; the default profile
+  multiplies by it directly, so the update needs no op for it), the scales
+  themselves (``'scale…'``), or ``None`` marking coverage (``'constant'``);
+  it is empty for a scalar scale on an anchored transformation. ``numbers``
+  holds ``(start, end, power, flip)`` of the last ``init``/``update`` (what
+  :func:`~dualopt_jax.describe` shows; a scalar scale ``s`` is the constant
+  profile ``start = end = s``), one array so the step carries one buffer.
   """
 
   per_leaf: dict[str, Any]
-  start: chex.Array
-  end: chex.Array
-  power: chex.Array
-  flip: chex.Array
+  numbers: chex.Array
+
+  @property
+  def start(self) -> chex.Array:
+    return self.numbers[0]
+
+  @property
+  def end(self) -> chex.Array:
+    return self.numbers[1]
+
+  @property
+  def power(self) -> chex.Array:
+    return self.numbers[2]
+
+  @property
+  def flip(self) -> chex.Array:
+    return self.numbers[3] > 0.5
 
 
 def _numbers(spec: Any) -> tuple[Any, Any, Any, Any]:
@@ -138,9 +170,8 @@ def _numbers(spec: Any) -> tuple[Any, Any, Any, Any]:
 
 
 def _numbers_state(spec: Any, per_leaf: dict[str, Any]) -> LayerScaleState:
-  start, end, power, flip = _numbers(spec)
-  f32 = _paths.operand
-  return LayerScaleState(per_leaf, f32(start), f32(end), f32(power), jnp.asarray(flip, bool))
+  numbers = jnp.stack([jnp.asarray(v, jnp.float32) for v in _numbers(spec)])
+  return LayerScaleState(per_leaf, numbers + _paths.operand(np.zeros(4)))
 
 
 def is_per_leaf(spec: Any) -> bool:
@@ -174,31 +205,39 @@ def spec_tag(spec: Any) -> str:
   return values_tag(spec)
 
 
+def key(path: _paths.Path) -> str:
+  """A leaf's key in ``LayerScaleState.per_leaf``: its canonical path as ``'a/b/0/c'``."""
+  return _paths.path_str(_paths.canonical(path))
+
+
 def init_layer_scale(
   spec: Any, params: Any, *, name: str, mark_coverage: bool = False
 ) -> LayerScaleState:
-  """The state of ``spec`` for ``params`` (present leaves; MaskedNodes stay).
+  """The state of ``spec`` for ``params`` (its present leaves; MaskedNodes are not covered).
 
-  A scalar ``spec`` stores nothing per leaf, unless ``mark_coverage``: then a
-  bool per covered leaf (for a transformation with no anchor, whose state
-  would not otherwise say which leaves an ``optax.masked`` left it).
+  A scalar ``spec`` stores nothing per leaf, unless ``mark_coverage``: then
+  ``{path: None}`` for the covered leaves (for a transformation with no
+  anchor, whose state would not otherwise say which leaves an
+  ``optax.masked`` left it); ``None`` is no array, so the step carries no
+  extra buffer.
   """
   if not is_per_leaf(spec) and not mark_coverage:
     return _numbers_state(spec, {})
   tag = spec_tag(spec)
-  if not jax.tree.leaves(params, is_leaf=_paths.is_masked_node):
+  present = _paths.present_leaves(params)
+  if not present:
     # No leaves (e.g. optax.tree_map_params' placeholder): one leaf, so that the per-leaf data
     # is never mistaken for a params-shaped subtree of the state.
     return _numbers_state(spec, {tag: jnp.zeros((), jnp.float32)})
   if isinstance(spec, LayerProfile):
     table = spec.depths(params)
-    tree = _paths.map_with_path(lambda p, _x: _paths.operand(table[p]), params)
+    values = {key(p): _paths.operand(1.0 - np.asarray(table[p], np.float32)) for p, _ in present}
   elif not is_per_leaf(spec):
-    tree = _paths.map_with_path(lambda _p, _x: jnp.ones((), bool), params)
+    values = dict.fromkeys((key(p) for p, _ in present), None)  # structure only: no buffers
   else:
-    values = _paths.resolve_per_leaf(spec, params, name=name)
-    tree = _paths.map_with_path(lambda _p, v: _paths.operand(v), values)
-  return _numbers_state(spec, {tag: tree})
+    resolved = dict(_paths.present_leaves(_paths.resolve_per_leaf(spec, params, name=name)))
+    values = {key(p): _paths.operand(resolved[p]) for p, _ in present}
+  return _numbers_state(spec, {tag: values})
 
 
 def check_layer_scale(spec: Any, state: LayerScaleState, *, name: str) -> None:
@@ -222,17 +261,10 @@ def layer_multipliers(spec: Any, state: LayerScaleState, updates: Any, *, name: 
   if not is_per_leaf(spec):
     return _paths.map_with_path(lambda _p, _u: spec, updates)
   check_layer_scale(spec, state, name=name)
-  (tree,) = state.per_leaf.values()
+  (stored,) = state.per_leaf.values()
   if isinstance(spec, LayerProfile):
-    return jax.tree.map(
-      lambda u, d: u if _paths.is_masked_node(u) else spec.multiplier(d),
-      updates,
-      tree,
-      is_leaf=_paths.is_masked_node,
-    )
-  return jax.tree.map(
-    lambda u, v: u if _paths.is_masked_node(u) else v, updates, tree, is_leaf=_paths.is_masked_node
-  )
+    return _paths.map_with_path(lambda p, _u: spec.at_height(stored[key(p)]), updates)
+  return _paths.map_with_path(lambda p, _u: stored[key(p)], updates)
 
 
 def refreshed(spec: Any, state: LayerScaleState) -> LayerScaleState:
@@ -240,31 +272,32 @@ def refreshed(spec: Any, state: LayerScaleState) -> LayerScaleState:
   return _numbers_state(spec, state.per_leaf)
 
 
-def stored_multipliers(state: LayerScaleState) -> Any:
-  """Per-leaf multipliers from the state alone (for describe/drift); None if it has no leaves."""
+def stored_multipliers(state: LayerScaleState) -> dict[str, Any] | None:
+  """``{path: multiplier}`` from the state alone (for describe/drift); None if it has none."""
   if not state.per_leaf:
     return None
-  ((tag, tree),) = state.per_leaf.items()
+  ((tag, values),) = state.per_leaf.items()
+  if not isinstance(values, dict):  # the placeholder of a tree without leaves
+    return {}
   if tag == "constant":
-    return _paths.map_with_path(lambda _p, _x: state.start, tree)
+    return dict.fromkeys(values, state.start)
   if tag.startswith("scale"):
-    return tree
-  flip = jnp.asarray(state.flip, bool)
-  def value(d: Any) -> Any:
-    if _paths.is_masked_node(d):
-      return d
-    d = jnp.asarray(d, jnp.float32)
-    return _depths.profile_value(jnp.where(flip, 1.0 - d, d), state.start, state.end, state.power)
-
-  return jax.tree.map(value, tree, is_leaf=_paths.is_masked_node)
+    return dict(values)
+  flip = state.flip
+  return {
+    p: _depths.profile_value(jnp.where(flip, h, 1.0 - h), state.start, state.end, state.power)
+    for p, h in ((p, jnp.asarray(h, jnp.float32)) for p, h in values.items())
+  }
 
 
-def stored_depths(state: LayerScaleState) -> Any:
-  """The per-leaf depths the state holds, or None (scalar or explicit scales)."""
+def stored_depths(state: LayerScaleState) -> dict[str, Any] | None:
+  """``{path: depth}`` from the state, or None (scalar or explicit scales)."""
   if not state.per_leaf:
     return None
-  ((tag, tree),) = state.per_leaf.items()
-  return None if tag.startswith("scale") or tag == "constant" else tree
+  ((tag, values),) = state.per_leaf.items()
+  if tag.startswith("scale") or tag == "constant" or not isinstance(values, dict):
+    return None
+  return {p: 1.0 - jnp.asarray(h, jnp.float32) for p, h in values.items()}
 
 
 def as_tuple(spec: Any) -> Any:

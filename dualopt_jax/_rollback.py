@@ -107,10 +107,11 @@ def _pull_toward(u: chex.Array, p: chex.Array, a: chex.Array | None, lam: Any) -
   if not _paths.is_float_leaf(u):
     return u
   compute = jnp.promote_types(u.dtype, jnp.float32)
-  post = p.astype(compute) + u.astype(compute)
-  if a is not None:
-    post = post - a.astype(compute)
-  return (u.astype(compute) - jnp.asarray(lam, compute) * post).astype(u.dtype)
+  cast = lambda x: x if x.dtype == compute else x.astype(compute)  # few ops per leaf to trace
+  uc = cast(u)
+  post = cast(p) + uc if a is None else cast(p) + uc - cast(a)
+  out = uc - cast(jnp.asarray(lam)) * post
+  return out if out.dtype == u.dtype else out.astype(u.dtype)
 
 
 def masked(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:

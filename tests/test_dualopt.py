@@ -284,3 +284,27 @@ def test_olor_with_head_indexes_the_backbone_in_forward_order(jit_init: bool) ->
     got = (np.asarray(updates[block][leaf]) + lr * 0.5) / (lr * lr * 0.5)
     np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=f"{block}/{leaf}")
   np.testing.assert_allclose(np.asarray(updates["Dense_2"]["kernel"]), -lr * 0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["eager", "jit", "eval_shape_structs"])
+def test_olor_on_a_bias_free_mlp_whose_keys_happen_to_be_sorted(init: str) -> None:
+  """Dense_0 .. Dense_3 kernels only: every wrapping gives the tensor indices 0, 1/3, 2/3, 1."""
+
+  class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(4):
+        x = nn.Dense(3, use_bias=False)(x)
+      return x
+
+  params = Mlp().init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+  tx = dj.olor(0.1, back_level_max=1.0, back_pow=1.0)
+  if init == "eager":
+    state = tx.init(params)
+  elif init == "jit":
+    state = jax.jit(tx.init)(params)
+  else:
+    state = tx.init(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+  rows = {r["path"]: r for r in dj.describe(params, state)}
+  assert [rows[f"Dense_{i}/kernel"]["depth"] for i in range(4)] == pytest.approx(
+    [0, 1 / 3, 2 / 3, 1])

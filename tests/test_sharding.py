@@ -314,9 +314,9 @@ def test_abstract_mesh_256_devices_per_device_bytes():
       for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(sh), strict=True)
     )
     # + two int32 counts + the replicated float32 depths: embed (), w1 (32, 1, 1), n (32, 1),
-    # + the rate and the profile numbers the next update applies (3 float32, 1 bool).
+    # + the rate and the profile numbers the next update applies (float32 scalar and (4,)).
     depths = 4 + 32 * 4 + 32 * 4
-    mirrored = 4 + 3 * 4 + 1
+    mirrored = 4 + 4 * 4
     assert per_device == n * bytes_per_param // 256 + 2 * 4 + depths + mirrored, per_device
 
 
