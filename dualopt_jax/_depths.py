@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dualopt_jax import _paths
+from dualopt_jax import _masks, _paths
 
 Granularity = Literal["block", "tensor"]
 GRANULARITIES = ("block", "tensor")
@@ -847,7 +847,7 @@ def layer_depths(
 
 def without(params: Any, selected: Any, *, name: str) -> Any:
   """``params`` with the leaves ``selected`` (a mask spec) replaced by ``optax.MaskedNode``."""
-  flags = _paths.mask_callable(selected, name=name)(params)
+  flags = _masks.mask_callable(selected, name=name)(params)
   return jax.tree.map(
     lambda x, s: optax.MaskedNode() if s else x, params, flags, is_leaf=_paths.is_masked_node
   )

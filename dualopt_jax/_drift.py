@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualopt_jax import _depths, _describe, _paths, _profile, _tree_norms
+from dualopt_jax import _depths, _describe, _norms, _paths, _per_leaf, _profile
 from dualopt_jax._l2sp import L2SPState
 from dualopt_jax._projection import ProjectionState
 from dualopt_jax._rollback import RollbackState
 from dualopt_jax._spd import SPDState
 
-_PER = ("tensor", "block")
 _ANCHORED = (RollbackState, SPDState, L2SPState, ProjectionState)
 
 
@@ -30,7 +29,7 @@ def anchor_from_state(opt_state: Any) -> Any:
     return state.anchor
   hint = ""
   if not any(True for _ in _describe.find_states(opt_state)) and all(
-    hasattr(x, "shape") for x in jax.tree.leaves(opt_state)
+    isinstance(x, (jax.Array, np.ndarray)) for x in jax.tree.leaves(opt_state)
   ):
     hint = " (opt_state is drift's second argument: to pass the anchor, write params0=...)"
   raise ValueError(
@@ -39,12 +38,24 @@ def anchor_from_state(opt_state: Any) -> Any:
   )
 
 
+def _named_groups(params: Any, groups: Any) -> dict[_paths.Path, tuple[str, Any]]:
+  """Maps each path to ``(its name in groups, None)``."""
+  names = _per_leaf.resolve(groups, params, name="drift: groups")
+  out = {}
+  for path, name in _paths.present_leaves(names):
+    if not isinstance(name, str):
+      raise ValueError(
+        f"drift: groups for '{_paths.path_str(path)}' must be a str (the group's name), "
+        f"got {name!r}."
+      )
+    out[path] = (name, None)
+  return out
+
+
 def _block_groups(
-  params: Any, per: Any, granularity_kwargs: dict[str, Any]
+  params: Any, granularity_kwargs: dict[str, Any]
 ) -> dict[_paths.Path, tuple[str, Any]]:
   """Maps each path to ``(group name, depth rank or array of ranks)``."""
-  if callable(per):
-    return {p: (str(per(p)), None) for p, x in _paths.leaves_with_paths(params)}
   table = _depths.depth_table(params, granularity="block", **granularity_kwargs)
   by_level: dict[Any, list[_paths.Path]] = {}
   for path, d in table.items():
@@ -83,8 +94,9 @@ def drift(
   opt_state: Any = None,
   *,
   params0: Any = None,
-  per: str | Callable[[_paths.Path], str] = "tensor",
-  stacked: Any = None,
+  granularity: str = "tensor",
+  groups: Any = None,
+  stacked: str | Sequence[str] | None = None,
   order: Any = None,
   eps: float = 1e-12,
 ) -> dict[str, Any]:
@@ -94,14 +106,15 @@ def drift(
   ``dict`` of ``float32`` arrays keyed ``"drift/<name>"``, ready for a
   logger (``{k: float(v) for k, v in out.items()}`` for scalars).
 
-  * ``per="tensor"``: one entry per parameter, named by its path; a leaf
-    marked ``stacked`` gets a vector with one value per layer.
-  * ``per="block"``: leaves of one block (as ``layer_depths(granularity=
+  * ``granularity="tensor"``: one entry per parameter, named by its path; a
+    stacked leaf gets a vector with one value per layer.
+  * ``granularity="block"``: leaves of one block (as ``layer_depths(granularity=
     "block")`` groups them) are pooled, :math:`\sqrt{\sum\lVert\theta -
     \theta_0\rVert^2} / \sqrt{\sum\lVert\theta_0\rVert^2}`; the name is the
-    block's common path prefix. Stacked layers (detected as in
-    ``layer_depths``) give a vector, one value per layer.
-  * ``per=callable(path) -> name``: pool by your own grouping.
+    block's common path prefix. Stacked layers give a vector, one value per
+    layer.
+  * ``groups``: pool by your own grouping, a (prefix) pytree of group names
+    over the params or a ``params -> pytree of names`` callable.
 
   With ``opt_state``, also returns what its rollback / decay / projection /
   lr-decay states (inside any Optax wrapper) apply on the next update, per
@@ -115,13 +128,13 @@ def drift(
     params0: the anchor; ``None`` takes it from ``opt_state`` (the first
       state holding an ``anchor``); leaves with no anchor there (a masked-out
       head, a zero anchor) are left out.
-    per: ``"tensor"``, ``"block"`` or a grouping callable.
-    stacked: leaves stacking layers on axis 0 for ``per="tensor"`` (``None``,
-      ``"auto"``, ``True``, glob patterns, callable or pytree of bools); for
-      ``per="block"`` glob patterns as in ``layer_depths`` (``None`` or
-      ``"auto"``: its automatic detection).
+    granularity: ``"tensor"`` or ``"block"``, as in ``layer_depths``.
+    groups: your own grouping instead of ``granularity`` (see above).
+    stacked: the subtrees that stack layers on axis 0, as in
+      ``layer_depths``: ``None`` detects them, glob patterns name them,
+      ``()`` means none.
     order: the forward order or glob patterns, input to output, for
-      ``per="block"`` (see ``layer_depths``).
+      ``granularity="block"`` (see ``layer_depths``).
     eps: added to the denominator (a zero anchor tensor gives
       :math:`\lVert\theta\rVert / \epsilon`).
 
@@ -130,13 +143,19 @@ def drift(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from dualopt_jax._drift import drift
+    >>> import dualopt_jax as dj
     >>> p0 = {'w': jnp.array([3.0, 4.0])}
-    >>> drift({'w': jnp.array([3.0, 4.5])}, params0=p0)
+    >>> dj.drift({'w': jnp.array([3.0, 4.5])}, params0=p0)
     {'drift/w': Array(0.1, dtype=float32)}
   """
-  if not callable(per) and per not in _PER:
-    raise ValueError(f"drift: per must be one of {_PER} or a callable, got {per!r}.")
+  if granularity not in _depths.GRANULARITIES:
+    raise ValueError(
+      f"drift: granularity must be one of {_depths.GRANULARITIES}, got {granularity!r}."
+    )
+  if groups is not None and granularity != "tensor":
+    raise ValueError("drift: give granularity or groups (your own grouping), not both.")
+  if groups is not None and order is not None:
+    raise ValueError("drift: order is for granularity='block'; groups are given by name.")
   from_state = params0 is None
   if from_state:
     if opt_state is None:
@@ -157,25 +176,24 @@ def drift(
   def sq(path, x, st):
     a = anchor.get(path)
     xf = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
-    axes = _tree_norms.reduce_axes(np.ndim(x), stacked=st, per="tensor")
+    axes = _norms.reduce_axes(np.ndim(x), stacked=st, per="tensor")
     af = jnp.asarray(a, xf.dtype)
     return jnp.sum(jnp.square(xf - af), axis=axes), jnp.sum(jnp.square(af), axis=axes)
 
   out: dict[str, Any] = {}
-  if per == "tensor":
-    flags = dict(
-      _paths.leaves_with_paths(_tree_norms.stacked_flags(stacked, params))
-    )
+  if granularity == "tensor" and groups is None:
+    flags = dict(_paths.leaves_with_paths(_norms.stacked_flags(stacked, params)))
     for path, x in leaves:
       num, den = sq(path, x, bool(flags[path]))
       out["drift/" + _paths.path_str(path)] = jnp.sqrt(num) / (jnp.sqrt(den) + eps)
   else:
-    auto = stacked is None or isinstance(stacked, bool) or stacked == "auto"
-    kwargs = {"order": order, "stacked": None if auto else stacked}
-    groups = _block_groups(params, per, kwargs)
+    if groups is None:
+      grouped = _block_groups(params, {"order": order, "stacked": stacked})
+    else:
+      grouped = _named_groups(params, groups)
     pooled: dict[str, list[Any]] = {}
     for path, x in leaves:
-      name, level = groups[path]
+      name, level = grouped[path]
       is_stacked = isinstance(level, tuple)
       num, den = sq(path, x, is_stacked)
       acc = pooled.setdefault(name, [0.0, 0.0])

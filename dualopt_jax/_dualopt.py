@@ -8,9 +8,9 @@ from typing import Any, Literal
 import jax
 import optax
 
-from dualopt_jax import _paths
+from dualopt_jax import _hyperparams, _masks
 from dualopt_jax._profile import LayerProfile, as_tuple
-from dualopt_jax._rollback import _concrete_float, layerwise_decay, rollback_to
+from dualopt_jax._rollback import layerwise_decay, rollback_to
 
 MODES = ("finetune", "scratch")
 OPTIMIZERS = ("adam", "sgd")
@@ -58,19 +58,18 @@ def _following_lr(
 
 
 def _check_fraction(name: str, value: Any) -> None:
-  concrete = _concrete_float(value)
-  if concrete is not None and (concrete < 0 or concrete > 1):
-    raise ValueError(
-      f"{name} must lie in [0, 1]: it is the fraction of the way back per step at the peak "
-      f"learning rate for the most affected layer; got {value!r}."
-    )
+  _hyperparams.check_in_range(
+    value, 0.0, 1.0, name=name,
+    why=": it is the fraction of the way back per step at the peak learning rate for the most "
+    "affected layer",
+  )
 
 
 def not_head(head: Any, *, name: str) -> Callable[[Any], Any] | None:
   """The mask of the parameters that are not ``head`` (None when there is no head)."""
   if head is None:
     return None
-  selects_head = _paths.mask_callable(head, name=name)
+  selects_head = _masks.mask_callable(head, name=name)
   return lambda tree: jax.tree.map(lambda is_head: not is_head, selects_head(tree))
 
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import chex
 import jax.numpy as jnp
-import numpy as np
 import optax
 from optax._src import base as optax_base
 
-from dualopt_jax import _paths, _rollback, _tree_norms
+from dualopt_jax import _hyperparams, _masks, _norms, _paths, _per_leaf
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
-_PER = ("tensor", "channel")
 
 
 class FixNormState(NamedTuple):
@@ -33,7 +32,7 @@ def fix_norm(
   classifier_norm: ScalarOrSchedule | None = None,
   classifier_per: str = "tensor",
   channel_axis: int | None = None,
-  stacked: Any = None,
+  stacked: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformation:
   r"""Re-projects weights to fixed norms after each step (FixNorm, as we read its abstract).
 
@@ -68,9 +67,9 @@ def fix_norm(
     normalized: the leaves followed by a normalization layer (pytree of bools,
       callable ``params -> bools``, or glob patterns such as ``'conv*/kernel'``).
     norm: the norm the ``normalized`` leaves are held at: ``"initial"`` (their
-      norm at ``init``, stored in the state), a scalar, a pytree over the
-      params, or a ``(path, leaf)`` callable; values broadcast against the
-      per-tensor / per-channel norm.
+      norm at ``init``, stored in the state), a scalar, a (prefix) pytree over
+      the params, or a ``params -> pytree`` callable; values broadcast against
+      the per-tensor / per-channel norm.
     per: ``"tensor"`` or ``"channel"`` (per output channel, ``channel_axis``)
       for the ``normalized`` leaves.
     classifier: the classifier leaves (e.g. ``'head/kernel'``).
@@ -79,18 +78,18 @@ def fix_norm(
     classifier_per: ``"tensor"`` or ``"channel"`` (one norm per class) for the
       classifier.
     channel_axis: the output-channel axis (``None``: -1, Flax kernels).
-    stacked: which leaves stack layers on axis 0 (``None``, ``"auto"``,
-      ``True``, glob patterns, ``(path, leaf)`` callable or pytree of bools);
-      their norms are per layer.
+    stacked: the subtrees that stack layers on axis 0, as in ``layer_depths``:
+      ``None`` detects them, glob patterns name them, ``()`` means none.
+      Their norms are per layer.
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`FixNormState`.
 
   Example:
     >>> import jax.numpy as jnp, optax
-    >>> from dualopt_jax._fixnorm import fix_norm
+    >>> import dualopt_jax as dj
     >>> params = {'conv': {'kernel': jnp.ones((3, 3, 2, 4))}, 'head': {'kernel': jnp.ones((4, 2))}}
-    >>> tx = optax.chain(optax.sgd(0.1), fix_norm(normalized='conv/kernel',
+    >>> tx = optax.chain(optax.sgd(0.1), dj.fix_norm(normalized='conv/kernel',
     ...                  classifier='head/kernel', classifier_norm=5.0))
     >>> state = tx.init(params)
 
@@ -100,24 +99,19 @@ def fix_norm(
     ALGORITHMS.md section 4).
   """
   for label, value in (("per", per), ("classifier_per", classifier_per)):
-    if value not in _PER:
-      raise ValueError(f"fix_norm: {label} must be one of {_PER}, got {value!r}.")
+    if value not in _norms.PER:
+      raise ValueError(f"fix_norm: {label} must be one of {_norms.PER}, got {value!r}.")
   if normalized is None and classifier is None:
     raise ValueError("fix_norm: give `normalized` leaves, a `classifier`, or both.")
   if classifier is not None and classifier_norm is None:
     raise ValueError("fix_norm: `classifier` is given, so `classifier_norm` is required.")
-  if classifier_norm is not None and not callable(classifier_norm):
-    v = _rollback._concrete_float(classifier_norm)
-    if v is not None and np.any(v <= 0):
-      raise ValueError(f"fix_norm: classifier_norm must be > 0, got {classifier_norm!r}.")
-  named = _tree_norms.named_mask
-  norm_fn = None if normalized is None else named(normalized, "fix_norm: normalized")
-  clf_fn = None if classifier is None else named(classifier, "fix_norm: classifier")
+  if classifier_norm is not None:
+    _hyperparams.check_at_least(classifier_norm, 0.0, name="fix_norm: classifier_norm",
+                                strict=True)
 
   def kinds(params: Any) -> Any:
-    none = _paths.map_with_path(lambda _p, _x: False, params)
-    n = none if norm_fn is None else norm_fn(params)
-    c = none if clf_fn is None else clf_fn(params)
+    n = _masks.flags(normalized, params, name="fix_norm: normalized")
+    c = _masks.flags(classifier, params, name="fix_norm: classifier")
 
     def kind(path, x, is_n, is_c):
       if is_n and is_c:
@@ -133,21 +127,21 @@ def fix_norm(
 
   def axes(path, x, st, kind):
     p = per if kind == "n" else classifier_per
-    return _tree_norms.axes_for(path, x, st, p, channel_axis)
+    return _norms.leaf_axes(path, x, st, p, channel_axis)
 
   def init_fn(params: optax.Params) -> FixNormState:
     ks = kinds(params)
-    flags = _tree_norms.stacked_flags(stacked, params)
+    flags = _norms.stacked_flags(stacked, params)
     if norm != "initial":
-      values = _paths.resolve_per_leaf(norm, params, name="fix_norm: norm")
-      _tree_norms.check_nonnegative(values, name="fix_norm: norm")
+      values = _per_leaf.resolve(norm, params, name="fix_norm: norm")
+      _per_leaf.check_nonnegative(values, name="fix_norm: norm")
 
     def target(path, x, kind, st, *value):
       if kind != "n":
         axes(path, x, st, kind)  # validates classifier axes early
         return optax.MaskedNode()
       n = _paths.on_value(
-        lambda v: _tree_norms.norm_keepdims(jnp.asarray(v), axes(path, x, st, kind)), x
+        lambda v: _norms.norm_keepdims(jnp.asarray(v), axes(path, x, st, kind)), x
       )
       if norm == "initial":
         return n
@@ -161,15 +155,17 @@ def fix_norm(
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
     ks = kinds(params)
-    flags = _tree_norms.stacked_flags(stacked, params)
-    clf_t = None if classifier_norm is None else _tree_norms.value_at(classifier_norm, state.count)
+    flags = _norms.stacked_flags(stacked, params)
+    clf_t = None if classifier_norm is None else _hyperparams.value_at(
+      classifier_norm, state.count, name="fix_norm: classifier_norm"
+    )
 
     def leaf(path, u, p, kind, st, t):
       if not kind:
         return u
       compute = jnp.promote_types(u.dtype, jnp.float32)
       post = p.astype(compute) + u.astype(compute)
-      n = _tree_norms.norm_keepdims(post, axes(path, u, st, kind))
+      n = _norms.norm_keepdims(post, axes(path, u, st, kind))
       rho = t.astype(compute) if kind == "n" else jnp.asarray(clf_t, compute)
       factor = jnp.where(n > 0, rho / jnp.where(n > 0, n, 1.0), 1.0)
       return (u.astype(compute) + (factor - 1.0) * post).astype(u.dtype)

@@ -200,7 +200,7 @@ def _small_const(value: Any) -> _Const | None:
     return None
   try:
     return _Const(np.asarray(value))
-  except Exception:  # noqa: BLE001 -- not a host-readable value (e.g. a tracer): unknown.
+  except (TypeError, ValueError, jax.errors.JAXTypeError):  # not host-readable (a tracer)
     return None
 
 
@@ -270,7 +270,7 @@ def _fold(eqn: Any, ins: list[Any]) -> list[Any]:
     out = np.asarray(out, dtype=dtype)
     if out.shape != tuple(aval.shape):
       return unknown
-  except Exception:  # noqa: BLE001 -- folding is best effort; unknown is always safe.
+  except (ArithmeticError, TypeError, ValueError, IndexError):  # best effort; unknown is safe
     return unknown
   return [_small_const(out)]
 
@@ -285,7 +285,7 @@ def _scalar(x: Any) -> int | None:
 
 
 def _open(closed: Any) -> tuple[Any, list[Any]]:
-  if hasattr(closed, "jaxpr") and hasattr(closed, "consts"):
+  if isinstance(closed, jcore.ClosedJaxpr):
     return closed.jaxpr, list(closed.consts)
   return closed, []
 
@@ -655,7 +655,7 @@ def _param_leaves(params: Any) -> tuple[list[_paths.Path], list[Any], Any]:
   paths, leaves = [], []
   for key_path, leaf in flat:
     path = _paths.normalize_path(key_path)
-    if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)):
       raise TypeError(
         f"forward_order: parameter '{_paths.path_str(path)}' is a {type(leaf).__name__}, not an "
         "array; params leaves must be arrays or jax.ShapeDtypeStruct."
@@ -684,7 +684,7 @@ def _trace(call: Callable[..., Any], treedef: Any, leaves: list[Any], inputs: tu
   dyn = [x for x, d in zip(flat, dynamic, strict=True) if d]
   try:
     return jax.make_jaxpr(traced)(leaves, dyn)
-  except Exception as e:
+  except (TypeError, ValueError, IndexError, KeyError, AttributeError, ArithmeticError) as e:
     raise ValueError(
       f"forward_order: tracing {desc} with jax.make_jaxpr failed; the example inputs must be "
       f"valid for the forward pass. {type(e).__name__}: {e}"

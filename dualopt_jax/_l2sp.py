@@ -6,11 +6,10 @@ from typing import Any, NamedTuple
 
 import chex
 import jax.numpy as jnp
-import numpy as np
 import optax
 from optax._src import base as optax_base
 
-from dualopt_jax import _paths, _rollback, _tree_norms
+from dualopt_jax import _anchor, _hyperparams, _masks, _paths
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -19,7 +18,7 @@ class L2SPState(NamedTuple):
   """State of :func:`add_l2sp_gradient` and :func:`decay_to_anchor`."""
 
   count: chex.Array  # int32 scalar: the step at which alpha/beta schedules are evaluated.
-  anchor: optax.Params  # the anchor; MaskedNode for head leaves (decayed toward 0).
+  anchor: optax.Params  # the anchor; MaskedNode for decay_to_zero leaves.
 
 
 def _l2sp_term(
@@ -27,71 +26,61 @@ def _l2sp_term(
   beta: ScalarOrSchedule,
   *,
   params0: optax.Params | None,
-  head: Any,
+  decay_to_zero: Any,
   mask: Any,
   anchor_dtype: Any,
   name: str,
 ) -> optax.GradientTransformation:
-  for label, value in (("alpha", alpha), ("beta", beta)):
-    if not callable(value):
-      v = _rollback._concrete_float(value)
-      if v is not None and np.any(v < 0):
-        raise ValueError(f"{name}: {label} must be >= 0, got {value!r}.")
-  head_fn = None if head is None else _tree_norms.named_mask(head, f"{name}: head")
+  _hyperparams.check_at_least(alpha, 0.0, name=f"{name}: alpha")
+  _hyperparams.check_at_least(beta, 0.0, name=f"{name}: beta")
 
-  def head_flags(params: Any) -> Any:
-    if head_fn is None:
-      return _paths.map_with_path(lambda _p, _x: False, params)
-    return head_fn(params)
+  def to_zero(params: Any) -> Any:
+    return _masks.flags(decay_to_zero, params, name=f"{name}: decay_to_zero")
 
   def init_fn(params: optax.Params) -> L2SPState:
-    if params0 is not None:
-      table = _rollback.check_anchor_matches(params0, params)
-      source = lambda path, x: table.get(path)
-    else:
-      source = lambda _path, x: x
-
-    def store(path, x, is_head):
-      if is_head or not _paths.is_float_leaf(x):
-        return optax.MaskedNode()
-      return _rollback._store_anchor(source(path, x), anchor_dtype)
-
-    anchor = _paths.map_with_path(store, params, head_flags(params))
+    anchor = _anchor.init(
+      params, params0, anchor_dtype=anchor_dtype,
+      stored=lambda tree: _paths.map_with_path(
+        lambda _p, x, zero: not zero and _paths.is_float_leaf(x), tree, to_zero(tree)
+      ),
+    )
     return L2SPState(count=jnp.zeros([], jnp.int32), anchor=anchor)
 
   def update_fn(updates, state: L2SPState, params=None):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
-    a_t = _tree_norms.value_at(alpha, state.count)
-    b_t = _tree_norms.value_at(beta, state.count)
+    a_t = _hyperparams.value_at(alpha, state.count, name=f"{name}: alpha")
+    b_t = _hyperparams.value_at(beta, state.count, name=f"{name}: beta")
 
-    def leaf(_path, u, p, a, is_head):
+    def leaf(_path, u, p, a, zero):
       if not _paths.is_float_leaf(u):
         return u
       compute = jnp.promote_types(u.dtype, jnp.float32)
       pf = p.astype(compute)
-      if is_head:
+      if zero:
         term = jnp.asarray(b_t, compute) * pf
       else:
         term = jnp.asarray(a_t, compute) * (pf - a.astype(compute))
       return (u.astype(compute) + term).astype(u.dtype)
 
-    new_updates = _paths.map_with_path(leaf, updates, params, state.anchor, head_flags(params))
+    new_updates = _paths.map_with_path(leaf, updates, params, state.anchor, to_zero(params))
     return new_updates, L2SPState(optax.safe_increment(state.count), state.anchor)
 
-  return _rollback.masked(optax.GradientTransformation(init_fn, update_fn), mask)
+  return _masks.masked(optax.GradientTransformation(init_fn, update_fn), mask)
 
 
 _ARGS_DOC = """
   Args:
     alpha: :math:`\\alpha \\ge 0`, strength toward the anchor (scalar or
       Optax schedule of the step count).
-    beta: :math:`\\beta \\ge 0`, strength toward 0 for the ``head`` leaves.
+    beta: :math:`\\beta \\ge 0`, strength toward 0 for the ``decay_to_zero``
+      leaves.
     params0: the anchor; ``None`` uses (a copy of) the params given to
       ``init``. Kept in the optimizer state, never in a closure.
-    head: which leaves are the new head, decayed toward 0 with ``beta``
-      instead of toward the anchor (pytree of bools, callable, or glob
-      patterns such as ``'head'``); they store no anchor.
+    decay_to_zero: the leaves decayed toward 0 with ``beta`` instead of
+      toward the anchor -- in L2-SP the new classifier head (pytree of bools,
+      ``params -> bools`` callable, or glob patterns such as ``'head'``); they
+      store no anchor.
     mask: which leaves get any penalty at all (pytree of bools, callable or
       glob patterns); others pass through unchanged and store nothing.
     anchor_dtype: store the anchor at this dtype (e.g. ``jnp.bfloat16``).
@@ -103,12 +92,12 @@ def add_l2sp_gradient(
   beta: ScalarOrSchedule = 0.0,
   *,
   params0: optax.Params | None = None,
-  head: Any = None,
+  decay_to_zero: Any = None,
   mask: Any = None,
   anchor_dtype: Any = None,
 ) -> optax.GradientTransformation:
   return _l2sp_term(
-    alpha, beta, params0=params0, head=head, mask=mask, anchor_dtype=anchor_dtype,
+    alpha, beta, params0=params0, decay_to_zero=decay_to_zero, mask=mask, anchor_dtype=anchor_dtype,
     name="add_l2sp_gradient",
   )
 
@@ -121,10 +110,11 @@ add_l2sp_gradient.__doc__ = r"""Coupled L2-SP: adds the penalty's gradient to th
   .. math::
 
     \frac{\alpha}{2}\lVert\theta_S - \theta_{0,S}\rVert^2
-    + \frac{\beta}{2}\lVert\theta_{\mathrm{head}}\rVert^2, \qquad
-    g \leftarrow g + \alpha(\theta - \theta_0) \;\; (\text{head: } g + \beta\theta),
+    + \frac{\beta}{2}\lVert\theta_{Z}\rVert^2, \qquad
+    g \leftarrow g + \alpha(\theta - \theta_0) \;\; (\text{decay\_to\_zero: } g + \beta\theta),
 
-  so under Adam it is divided by :math:`\sqrt{\hat v}` like the rest of the
+  (:math:`S` the other leaves, :math:`Z` the ``decay_to_zero`` leaves), so under
+  Adam it is divided by :math:`\sqrt{\hat v}` like the rest of the
   gradient ("coupled"). Unlike a loss term it needs no change to the model's
   loss and keeps the anchor in the optimizer state.
 """ + _ARGS_DOC + r"""
@@ -133,8 +123,9 @@ add_l2sp_gradient.__doc__ = r"""Coupled L2-SP: adds the penalty's gradient to th
 
   Example:
     >>> import jax.numpy as jnp, optax
-    >>> from dualopt_jax._l2sp import add_l2sp_gradient
-    >>> tx = optax.chain(add_l2sp_gradient(0.01, 0.01, head='head'), optax.adam(1e-4))
+    >>> import dualopt_jax as dj
+    >>> tx = optax.chain(dj.add_l2sp_gradient(0.01, 0.01, decay_to_zero='head'),
+    ...                  optax.adam(1e-4))
     >>> params = {'body': jnp.ones(3), 'head': jnp.ones(2)}
     >>> state = tx.init(params)
 
@@ -149,19 +140,19 @@ def decay_to_anchor(
   beta: ScalarOrSchedule = 0.0,
   *,
   params0: optax.Params | None = None,
-  head: Any = None,
+  decay_to_zero: Any = None,
   mask: Any = None,
   anchor_dtype: Any = None,
 ) -> optax.GradientTransformation:
   return _l2sp_term(
-    alpha, beta, params0=params0, head=head, mask=mask, anchor_dtype=anchor_dtype,
+    alpha, beta, params0=params0, decay_to_zero=decay_to_zero, mask=mask, anchor_dtype=anchor_dtype,
     name="decay_to_anchor",
   )
 
 
 decay_to_anchor.__doc__ = r"""Decoupled L2-SP: decay toward the anchor, as AdamW's decay toward 0.
 
-  Adds :math:`\alpha(\theta - \theta_0)` (head leaves: :math:`\beta\theta`)
+  Adds :math:`\alpha(\theta - \theta_0)` (``decay_to_zero`` leaves: :math:`\beta\theta`)
   to the *preconditioned* update. Place it between the preconditioner and
   the learning-rate scaling, exactly where ``optax.add_decayed_weights`` goes
   in ``optax.adamw``::
@@ -181,8 +172,8 @@ decay_to_anchor.__doc__ = r"""Decoupled L2-SP: decay toward the anchor, as AdamW
 
   Example:
     >>> import jax.numpy as jnp, optax
-    >>> from dualopt_jax._l2sp import decay_to_anchor
-    >>> tx = optax.chain(optax.scale_by_adam(), decay_to_anchor(0.1),
+    >>> import dualopt_jax as dj
+    >>> tx = optax.chain(optax.scale_by_adam(), dj.decay_to_anchor(0.1),
     ...                  optax.scale_by_learning_rate(1e-4))
     >>> state = tx.init({'w': jnp.ones(3)})
 
@@ -199,7 +190,7 @@ def l2sp(
   beta: ScalarOrSchedule = 0.0,
   coupled: bool = True,
   params0: optax.Params | None = None,
-  head: Any = None,
+  decay_to_zero: Any = None,
   mask: Any = None,
   b1: float = 0.9,
   b2: float = 0.999,
@@ -213,7 +204,7 @@ def l2sp(
 
   Args:
     learning_rate: scalar or Optax schedule.
-    alpha, beta, params0, head, mask, anchor_dtype: see :func:`add_l2sp_gradient`.
+    alpha, beta, params0, decay_to_zero, mask, anchor_dtype: see :func:`add_l2sp_gradient`.
     coupled: where the penalty enters (see above).
     b1, b2, eps: Adam's hyper-parameters.
 
@@ -222,14 +213,14 @@ def l2sp(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from dualopt_jax._l2sp import l2sp
-    >>> tx = l2sp(1e-4, alpha=0.01, beta=0.01, head='head', coupled=False)
+    >>> import dualopt_jax as dj
+    >>> tx = dj.l2sp(1e-4, alpha=0.01, beta=0.01, decay_to_zero='head', coupled=False)
     >>> state = tx.init({'body': jnp.ones(3), 'head': jnp.ones(2)})
 
   References:
     Li, Grandvalet, Davoine, ICML 2018.
   """
-  kwargs = dict(params0=params0, head=head, mask=mask, anchor_dtype=anchor_dtype)
+  kwargs = dict(params0=params0, decay_to_zero=decay_to_zero, mask=mask, anchor_dtype=anchor_dtype)
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   lr = optax.scale_by_learning_rate(learning_rate)
   if coupled:

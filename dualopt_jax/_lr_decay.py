@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dualopt_jax import _depths, _paths, _profile, _rollback, _tree_norms
+from dualopt_jax import _depths, _hyperparams, _masks, _paths, _per_leaf, _profile
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -55,12 +55,12 @@ def lr_decay_exponents(
     table = _depths.depth_table(params, granularity=granularity, order=order, stacked=stacked)
     depth_tree = _paths.map_with_path(lambda path, _x: table[path], params)
   else:
-    depth_tree = _paths.resolve_per_leaf(depths, params, name="depths")
+    depth_tree = _per_leaf.resolve(depths, params, name="depths")
   values = []
   for path, d in _paths.leaves_with_paths(depth_tree):
     if _paths.is_masked_node(d):
       continue
-    arr = _rollback._concrete_float(d)
+    arr = _hyperparams.concrete(d)
     if arr is None:
       raise ValueError(f"depths for '{_paths.path_str(path)}' must be concrete numbers.")
     if np.any(arr < -1e-6) or np.any(arr > 1 + 1e-6):
@@ -119,7 +119,7 @@ def layerwise_lr_decay(
     decay: the per-layer factor in (0, 1], a scalar or a schedule of the step
       count.
     depths: ``None`` (from ``layer_depths``), or depths in [0, 1] as a pytree
-      over the params or a ``(path, leaf)`` callable.
+      over the params or a ``params -> pytree`` callable.
     num_layers: :math:`L`; see :func:`lr_decay_exponents` for when it matters.
     granularity, order, stacked: passed to ``layer_depths``.
     mask: which leaves to scale (pytree of bools, callable or glob patterns);
@@ -131,10 +131,10 @@ def layerwise_lr_decay(
 
   Example:
     >>> import jax.numpy as jnp, optax
-    >>> from dualopt_jax._lr_decay import layerwise_lr_decay
+    >>> import dualopt_jax as dj
     >>> w = {'w': jnp.ones(2)}
     >>> params = {'embed': w, 'layers_0': w, 'layers_1': w, 'head': w}
-    >>> tx = optax.chain(optax.scale_by_adam(), layerwise_lr_decay(0.5),
+    >>> tx = optax.chain(optax.scale_by_adam(), dj.layerwise_lr_decay(0.5),
     ...                  optax.scale_by_learning_rate(1.0))
     >>> state = tx.init(params)
     >>> (exponents,) = state[1].exponent.values()
@@ -145,21 +145,16 @@ def layerwise_lr_decay(
     Clark et al., "ELECTRA", ICLR 2020; Bao et al., "BEiT", ICLR 2022; He et
     al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022.
   """
-  if not callable(decay):
-    v = _rollback._concrete_float(decay)
-    if v is not None and (np.any(v <= 0) or np.any(v > 1)):
-      raise ValueError(f"layerwise_lr_decay: decay must lie in (0, 1], got {decay!r}.")
-  mask_fn = None if mask is None else _tree_norms.named_mask(mask, "layerwise_lr_decay: mask")
+  _hyperparams.check_in_range(decay, 0.0, 1.0, name="layerwise_lr_decay: decay", low_open=True)
 
   def init_fn(params: optax.Params) -> LayerwiseLRDecayState:
     exps = lr_decay_exponents(
       params, depths=depths, num_layers=num_layers, granularity=granularity, order=order,
       stacked=stacked,
     )
-    if mask_fn is not None:
-      exps = _paths.map_with_path(
-        lambda _p, e, m: e if m else optax.MaskedNode(), exps, mask_fn(params)
-      )
+    if mask is not None:
+      scaled = _masks.flags(mask, params, name="layerwise_lr_decay: mask")
+      exps = _paths.map_with_path(lambda _p, e, m: e if m else optax.MaskedNode(), exps, scaled)
     count = jnp.zeros([], jnp.int32)
     key = _exponent_key(depths, num_layers, granularity, order, stacked)
     exps = _paths.map_with_path(lambda _p, e: _paths.operand(e), exps)
@@ -167,7 +162,7 @@ def layerwise_lr_decay(
 
   def update_fn(updates, state: LayerwiseLRDecayState, params=None):
     del params
-    d = _tree_norms.value_at(decay, state.count)
+    d = _hyperparams.value_at(decay, state.count, name="layerwise_lr_decay: decay")
     (exponents,) = state.exponent.values()
 
     def leaf(_path, u, e):
@@ -194,7 +189,7 @@ def _exponent_key(
 
 
 def _decay_state(decay: ScalarOrSchedule, count: chex.Array) -> chex.Array:
-  return jnp.asarray(_tree_norms.value_at(decay, count), jnp.float32)
+  return _hyperparams.state_value(decay, count, name="layerwise_lr_decay: decay")
 
 
 def layerwise_lr_decay_adamw(
@@ -242,8 +237,8 @@ def layerwise_lr_decay_adamw(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from dualopt_jax._lr_decay import layerwise_lr_decay_adamw
-    >>> tx = layerwise_lr_decay_adamw(1e-3, decay=0.75, weight_decay=0.05)
+    >>> import dualopt_jax as dj
+    >>> tx = dj.layerwise_lr_decay_adamw(1e-3, decay=0.75, weight_decay=0.05)
     >>> w = {'w': jnp.ones(2)}
     >>> state = tx.init({'embed': w, 'layers_0': w, 'head': w})
 
@@ -255,7 +250,7 @@ def layerwise_lr_decay_adamw(
     stacked=stacked,
   )
   wd = optax.add_decayed_weights(
-    weight_decay, None if weight_decay_mask is None else _paths.mask_callable(weight_decay_mask)
+    weight_decay, None if weight_decay_mask is None else _masks.mask_callable(weight_decay_mask)
   )
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   lr = optax.scale_by_learning_rate(learning_rate)

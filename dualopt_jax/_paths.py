@@ -22,7 +22,7 @@ pattern that matches no parameter is an error.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +126,9 @@ def operand(value: Any, dtype: Any = jnp.float32) -> jax.Array:
 
 
 def is_float_leaf(x: Any) -> bool:
-  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+  """An array (or abstract array) of a floating or complex dtype."""
+  arrays = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+  return isinstance(x, arrays) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
 # --- glob patterns ------------------------------------------------------------------------------
@@ -169,7 +171,9 @@ def is_pattern_spec(spec: Any) -> bool:
 
 
 def patterns(spec: str | Sequence[str], *, name: str) -> tuple[Pattern, ...]:
-  """Glob patterns from a string or a sequence of strings."""
+  """Glob patterns from a string or a sequence of strings (empty: none)."""
+  if isinstance(spec, (list, tuple)) and not spec:
+    return ()
   if not is_pattern_spec(spec):
     raise ValueError(f"{name} must be a glob pattern or a list of them, got {spec!r}.")
   items = [spec] if isinstance(spec, str) else list(spec)
@@ -250,94 +254,3 @@ class PathTable:
         f"its paths are: {known}{', ...' if len(self.entries) > 8 else ''}."
       )
     return value
-
-
-def is_scalar_like(x: Any) -> bool:
-  return isinstance(x, (int, float, np.number)) or (
-    hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, Mapping)
-  )
-
-
-def resolve_per_leaf(spec: Any, tree: Any, *, name: str) -> Any:
-  """Maps a per-leaf spec onto ``tree``: a tree of values with ``tree``'s structure.
-
-  ``spec`` is a scalar/array (the same for every leaf), a callable
-  ``(path, leaf) -> value``, or a pytree over the same parameters (any
-  wrapping; matched by path; it may be a prefix of the params tree). Values
-  must broadcast against their leaf without changing its shape (e.g. shape
-  ``(L, 1, 1)`` for ``L`` stacked layers).
-  """
-  if callable(spec) and not hasattr(spec, "shape"):
-    fn = spec
-  elif is_scalar_like(spec):
-    return map_with_path(lambda _p, _x: spec, tree)
-  else:
-    table = PathTable(spec, name=name, prefix=True)
-    fn = lambda path, _leaf: table.get(path)
-
-  def value_for(path: Path, leaf: Any) -> Any:
-    value = fn(path, leaf)
-    check_broadcasts(value, leaf, path, name)
-    return value
-
-  return map_with_path(value_for, tree)
-
-
-def check_broadcasts(value: Any, leaf: Any, path: Path, name: str) -> None:
-  value_shape = np.shape(value)
-  leaf_shape = np.shape(leaf)
-  try:
-    ok = np.broadcast_shapes(value_shape, leaf_shape) == tuple(leaf_shape)
-  except ValueError:
-    ok = False
-  if not ok:
-    raise ValueError(
-      f"{name} for '{path_str(path)}' has shape {value_shape}, which does not broadcast "
-      f"against the parameter's shape {tuple(leaf_shape)}; use a scalar, or an array "
-      f"such as shape (L, 1, ...) for L stacked layers."
-    )
-
-
-# --- masks --------------------------------------------------------------------------------------
-
-
-def mask_callable(mask: Any, *, name: str = "mask") -> Callable[[Any], Any]:
-  """An ``optax.masked``-style mask callable that works across wrappings.
-
-  Accepts glob patterns (``str`` or list of ``str``; each must match a
-  parameter), a pytree of bools (matched by path, so one built from
-  ``nnx.state`` works inside ``nnx.Optimizer``; it may be a prefix of the
-  params tree, as in ``optax.masked``), or a callable ``params -> pytree of
-  bools`` (also a prefix). The result has ``params``' structure.
-  """
-  if is_pattern_spec(mask):
-    pats = patterns(mask, name=name)
-
-    def from_patterns(tree: Any) -> Any:
-      check_patterns_match(pats, tree, name=name)
-      return map_with_path(lambda path, _x: any(p.matches(path) for p in pats), tree)
-
-    return from_patterns
-  if callable(mask):
-    return lambda tree: bool_tree(mask(tree), tree, name=name)
-  return lambda tree: bool_tree(mask, tree, name=name)
-
-
-def bool_tree(mask_tree: Any, tree: Any, *, name: str) -> Any:
-  """``mask_tree`` (a prefix pytree of bools over ``tree``) expanded to ``tree``'s leaves."""
-  table = PathTable(mask_tree, name=name, prefix=True)
-
-  def flag(path: Path, _x: Any) -> bool:
-    value = table.get(path)
-    if isinstance(value, (bool, np.bool_)):
-      return bool(value)
-    if hasattr(value, "dtype") and np.shape(value) == () and value.dtype == bool:
-      try:
-        return bool(value)
-      except jax.errors.ConcretizationTypeError:
-        pass
-    raise ValueError(
-      f"{name} for '{path_str(path)}' must be a Python bool (masks are static), got {value!r}."
-    )
-
-  return map_with_path(flag, tree)

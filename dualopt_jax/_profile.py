@@ -3,7 +3,7 @@
 A ``layer_scale`` (the per-leaf multiplier of a rollback, decay, radius, ...)
 is resolved once, at ``init``, into per-leaf float32 operands stored in the
 optimizer state -- depths for a :class:`LayerProfile`, the values themselves
-for a pytree or ``(path, leaf)`` callable. ``update`` combines them with the
+for a pytree or a ``params -> pytree`` callable. ``update`` combines them with the
 transformation's *current* numbers (``start``, ``end``, ``power``, ``flip``),
 so ``optax.inject_hyperparams`` of ``power`` takes effect and a state restored
 into a transformation with other numbers follows the new ones. Operands, not
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualopt_jax import _depths, _paths
+from dualopt_jax import _depths, _hyperparams, _paths, _per_leaf
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class LayerScaleState(NamedTuple):
 def _numbers(spec: Any) -> tuple[Any, Any, Any, Any]:
   if isinstance(spec, LayerProfile):
     return spec.start, spec.end, spec.power, spec.flip
-  if _paths.is_scalar_like(spec):
+  if _hyperparams.is_scalar_like(spec):
     return spec, spec, 1.0, False
   return 1.0, 0.0, 1.0, False
 
@@ -176,7 +176,7 @@ def _numbers_state(spec: Any, per_leaf: dict[str, Any]) -> LayerScaleState:
 
 def is_per_leaf(spec: Any) -> bool:
   """Whether ``spec`` gives leaves different values (a profile, a pytree, a callable)."""
-  return isinstance(spec, LayerProfile) or not _paths.is_scalar_like(spec)
+  return isinstance(spec, LayerProfile) or not _hyperparams.is_scalar_like(spec)
 
 
 def values_tag(values: Any) -> str:
@@ -193,8 +193,8 @@ def values_tag(values: Any) -> str:
 def spec_tag(spec: Any) -> str:
   """The key of ``spec``'s per-leaf data in the state, from the spec alone (never the tree).
 
-  A profile's depth settings, or a hash of a pytree's values; a ``(path,
-  leaf)`` callable is ``'scale'`` (its values are known only at ``init``).
+  A profile's depth settings, or a hash of a pytree's values; a ``params ->
+  pytree`` callable is ``'scale'`` (its values are known only at ``init``).
   """
   if isinstance(spec, LayerProfile):
     return spec.tag
@@ -235,7 +235,7 @@ def init_layer_scale(
   elif not is_per_leaf(spec):
     values = dict.fromkeys((key(p) for p, _ in present), None)  # structure only: no buffers
   else:
-    resolved = dict(_paths.present_leaves(_paths.resolve_per_leaf(spec, params, name=name)))
+    resolved = dict(_paths.present_leaves(_per_leaf.resolve(spec, params, name=name)))
     values = {key(p): _paths.operand(resolved[p]) for p, _ in present}
   return _numbers_state(spec, {tag: values})
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -11,7 +12,7 @@ import numpy as np
 import optax
 from optax._src import base as optax_base
 
-from dualopt_jax import _paths, _profile, _rollback, _tree_norms
+from dualopt_jax import _anchor, _hyperparams, _masks, _norms, _paths, _per_leaf, _profile
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -35,7 +36,7 @@ def project_to_anchor(
   layer_scale: Any = 1.0,
   mask: Any = None,
   channel_axis: int | None = None,
-  stacked: Any = None,
+  stacked: str | Sequence[str] | None = None,
   anchor_dtype: Any = None,
 ) -> optax.GradientTransformation:
   r"""Projects the post-step weights onto a ball of radius :math:`\gamma_l` around the anchor.
@@ -67,27 +68,25 @@ def project_to_anchor(
   Args:
     radius: :math:`\gamma \ge 0`: a scalar or an Optax schedule ``count ->
       value`` (the same for every leaf, times ``layer_scale``), or per leaf: a
-      pytree over the params (matched by path; any wrapping), a callable
-      ``(path, leaf) -> value`` or a ``LayerProfile`` -- then it takes the
-      place of ``layer_scale``. A value may be an array broadcasting against
-      the norm, e.g. shape ``(L, 1, 1)`` for ``L`` stacked layers. Under
-      ``optax.inject_hyperparams`` a scalar radius is injectable; list a
-      ``(path, leaf)`` callable in ``static_args`` (it would be taken for a
-      schedule).
+      (prefix) pytree over the params (matched by path; any wrapping) or a
+      ``LayerProfile`` -- then it takes the place of ``layer_scale``. A value
+      may be an array broadcasting against the norm, e.g. shape ``(L, 1, 1)``
+      for ``L`` stacked layers. Under ``optax.inject_hyperparams`` a scalar
+      radius is injectable.
     params0: the anchor; ``None`` uses (a copy of) the params given to
       ``init``. Kept in the optimizer state, never in a closure.
     norm: ``"l2"`` or ``"mars"``.
     layer_scale: per-leaf multiplier of the radius (scalar, pytree,
-      ``(path, leaf)`` callable or ``LayerProfile``), to combine a schedule
-      with a profile. Resolved at ``init`` and kept in the state.
+      ``params -> pytree`` callable or ``LayerProfile``), to combine a
+      schedule with a profile. Resolved at ``init`` and kept in the state.
     mask: which leaves to project (pytree of bools, callable, or glob
       patterns); masked-out leaves store no anchor.
     channel_axis: the output-row axis for ``norm="mars"`` (``None``: -1, the
       Flax layout). Static: under ``optax.inject_hyperparams`` list it in
       ``static_args`` if you pass it.
-    stacked: which leaves stack layers on axis 0 (``None``, ``"auto"``,
-      ``True``, glob patterns, ``(path, leaf)`` callable or pytree of bools); their norms and
-      radii are per layer.
+    stacked: the subtrees that stack layers on axis 0, as in ``layer_depths``:
+      ``None`` detects them, glob patterns name them, ``()`` means none.
+      Their norms and radii are per layer.
     anchor_dtype: store the anchor at this dtype (e.g. ``jnp.bfloat16``).
 
   Returns:
@@ -95,9 +94,9 @@ def project_to_anchor(
 
   Example:
     >>> import jax.numpy as jnp, optax
-    >>> from dualopt_jax._projection import project_to_anchor
+    >>> import dualopt_jax as dj
     >>> params = {'w': jnp.zeros(2)}
-    >>> tx = optax.chain(optax.sgd(1.0), project_to_anchor(0.5))
+    >>> tx = optax.chain(optax.sgd(1.0), dj.project_to_anchor(0.5))
     >>> updates, _ = tx.update({'w': jnp.array([-3., -4.])}, tx.init(params), params)
     >>> new = optax.apply_updates(params, updates)['w']  # (3, 4) -> norm 0.5
     >>> [round(float(v), 4) for v in new]
@@ -110,9 +109,9 @@ def project_to_anchor(
   """
   if norm not in _NORMS:
     raise ValueError(f"project_to_anchor: norm must be one of {_NORMS}, got {norm!r}.")
-  global_radius, leaf_radius = _tree_norms.split_spec(radius, name="project_to_anchor: radius")
+  global_radius, leaf_radius = _per_leaf.split_global(radius)
   if not callable(global_radius):
-    _tree_norms.check_nonnegative(global_radius, name="radius")
+    _per_leaf.check_nonnegative(global_radius, name="radius")
   if _profile.is_per_leaf(leaf_radius):
     if _profile.is_per_leaf(layer_scale) or not np.all(np.asarray(layer_scale) == 1):
       raise ValueError(
@@ -125,21 +124,15 @@ def project_to_anchor(
   ord_ = "l1" if norm == "mars" else "l2"
 
   def init_fn(params: optax.Params) -> ProjectionState:
-    if params0 is None:
-      anchor = _paths.map_with_path(lambda _p, x: _rollback._store_anchor(x, anchor_dtype), params)
-    else:
-      table = _rollback.check_anchor_matches(params0, params)
-      anchor = _paths.map_with_path(
-        lambda path, _x: _rollback._store_anchor(table.get(path), anchor_dtype), params
-      )
+    anchor = _anchor.init(params, params0, anchor_dtype=anchor_dtype)
     scales = _profile.init_layer_scale(layer_scale, params, name=f"project_to_anchor: {scale_name}")
     multipliers = _profile.stored_multipliers(scales)
-    _tree_norms.check_nonnegative(
+    _per_leaf.check_nonnegative(
       layer_scale if multipliers is None else multipliers, name=scale_name
     )
-    flags = _tree_norms.stacked_flags(stacked, params)
+    flags = _norms.stacked_flags(stacked, params)
     _paths.map_with_path(  # validates channel_axis early, with the path in the message
-      lambda path, x, s: _tree_norms.axes_for(path, x, s, per, channel_axis), params, flags
+      lambda path, x, s: _norms.leaf_axes(path, x, s, per, channel_axis), params, flags
     )
     count = jnp.zeros([], jnp.int32)
     return ProjectionState(count, anchor, scales, _radius_state(global_radius, count))
@@ -147,19 +140,19 @@ def project_to_anchor(
   def update_fn(updates, state: ProjectionState, params=None):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
-    g = _tree_norms.value_at(global_radius, state.count)
+    g = _hyperparams.value_at(global_radius, state.count, name="project_to_anchor: radius")
     scales = _profile.layer_multipliers(
       layer_scale, state.layer_scale, updates, name="project_to_anchor"
     )
-    flags = _tree_norms.stacked_flags(stacked, updates)
+    flags = _norms.stacked_flags(stacked, updates)
 
     def project(path, u, p, a, s, st):
       if not _paths.is_float_leaf(u):
         return u
       compute = jnp.promote_types(u.dtype, jnp.float32)
       d = p.astype(compute) + u.astype(compute) - a.astype(compute)
-      axes = _tree_norms.axes_for(path, u, st, per, channel_axis)
-      n = _tree_norms.norm_keepdims(d, axes, ord=ord_)
+      axes = _norms.leaf_axes(path, u, st, per, channel_axis)
+      n = _norms.norm_keepdims(d, axes, ord=ord_)
       gamma = jnp.asarray(g, compute) * jnp.asarray(s, compute)
       safe_n = jnp.where(n > 0, n, 1.0)
       keep = jnp.where(n > gamma, gamma / safe_n, 1.0)
@@ -173,8 +166,8 @@ def project_to_anchor(
     )
     return new_updates, new_state
 
-  return _rollback.masked(optax.GradientTransformation(init_fn, update_fn), mask)
+  return _masks.masked(optax.GradientTransformation(init_fn, update_fn), mask)
 
 
 def _radius_state(radius: Any, count: chex.Array) -> chex.Array:
-  return jnp.asarray(_tree_norms.value_at(radius, count), jnp.float32)
+  return _hyperparams.state_value(radius, count, name="project_to_anchor: radius")

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from optax._src import base as optax_base
 
-from dualopt_jax import _paths, _profile
+from dualopt_jax import _anchor, _hyperparams, _masks, _paths, _profile
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -41,50 +41,14 @@ class LayerwiseDecayState(NamedTuple):
   rate: chex.Array  # float32 scalar, as RollbackState.rate
 
 
-def _concrete_float(x: Any) -> np.ndarray | None:
-  """The value of ``x`` if it is known now (not traced), else None."""
-  if isinstance(x, jax.core.Tracer):
-    return None
-  try:
-    arr = np.asarray(x, dtype=np.float64)
-  except (TypeError, ValueError, jax.errors.TracerArrayConversionError):
-    return None
-  return arr
-
-
-def check_fraction_range(rate: Any, layer_scale: Any, *, name: str) -> None:
-  """Raises when ``rate * layer_scale`` is known now and leaves [0, 1]."""
-  if callable(rate):
-    return
-  rate_value = _concrete_float(rate)
-  if rate_value is None:
-    return
-  if np.any(rate_value < 0) or np.any(rate_value > 1):
-    raise ValueError(
-      f"{name}: rate must lie in [0, 1] (it is the fraction of the way back per step), "
-      f"got {rate!r}."
-    )
-  if callable(layer_scale) or not _paths.is_scalar_like(layer_scale):
-    return
-  scale_value = _concrete_float(layer_scale)
-  if scale_value is None:
-    return
-  lam = rate_value * scale_value
-  if np.any(scale_value < 0) or np.any(lam > 1):
-    raise ValueError(
-      f"{name}: rate * layer_scale = {float(np.max(lam)):g} leaves [0, 1]; "
-      f"layer_scale must be >= 0 and rate * layer_scale <= 1."
-    )
-
-
 def _check_scales_in_range(state: _profile.LayerScaleState, rate: Any, *, name: str) -> None:
   """Per-leaf check of the layer scales resolved at init (concrete values only)."""
   multipliers = _profile.stored_multipliers(state)
   if multipliers is None:
     return
-  rate_value = None if callable(rate) else _concrete_float(rate)
+  rate_value = None if callable(rate) else _hyperparams.concrete(rate)
   for path, value in _paths.present_leaves(multipliers):
-    v = _concrete_float(value)
+    v = _hyperparams.concrete(value)
     if v is None:
       continue
     if np.any(v < 0) or (rate_value is not None and np.any(rate_value * v > 1)):
@@ -94,12 +58,8 @@ def _check_scales_in_range(state: _profile.LayerScaleState, rate: Any, *, name: 
       )
 
 
-def _rate_at(rate: ScalarOrSchedule, count: chex.Array) -> chex.Array:
-  return rate(count) if callable(rate) else rate
-
-
-def _rate_state(rate: ScalarOrSchedule, count: chex.Array) -> chex.Array:
-  return jnp.asarray(_rate_at(rate, count), jnp.float32)
+def _rate_state(rate: ScalarOrSchedule, count: chex.Array, name: str) -> chex.Array:
+  return _hyperparams.state_value(rate, count, name=f"{name}: rate")
 
 
 def _pull_toward(u: chex.Array, p: chex.Array, a: chex.Array | None, lam: Any) -> chex.Array:
@@ -112,58 +72,6 @@ def _pull_toward(u: chex.Array, p: chex.Array, a: chex.Array | None, lam: Any) -
   post = cast(p) + uc if a is None else cast(p) + uc - cast(a)
   out = uc - cast(jnp.asarray(lam)) * post
   return out if out.dtype == u.dtype else out.astype(u.dtype)
-
-
-def masked(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
-  """``optax.masked`` with our mask specs (patterns, prefix pytrees, callables)."""
-  if mask is None:
-    return tx
-  return optax.masked(tx, _paths.mask_callable(mask))
-
-
-def check_anchor_matches(params0: Any, params: Any) -> _paths.PathTable:
-  """Raises ``ValueError`` naming the first path where params0 and params differ."""
-  table = _paths.PathTable(params0, name="params0")
-  seen = set()
-  for path, leaf in _paths.leaves_with_paths(params):
-    seen.add(_paths.canonical(path))
-    if _paths.canonical(path) not in table.entries:
-      raise ValueError(
-        f"params0 does not match params: params has '{_paths.path_str(path)}' with shape "
-        f"{tuple(np.shape(leaf)) if not _paths.is_masked_node(leaf) else '(masked)'}, "
-        f"params0 has no such path."
-      )
-    if _paths.is_masked_node(leaf):
-      continue
-    anchor = table.get(path)
-    if tuple(np.shape(anchor)) != tuple(np.shape(leaf)):
-      raise ValueError(
-        f"params0 does not match params at '{_paths.path_str(path)}': params0 has shape "
-        f"{tuple(np.shape(anchor))}, params has shape {tuple(np.shape(leaf))}."
-      )
-    if jnp.dtype(anchor.dtype) != jnp.dtype(leaf.dtype):
-      raise ValueError(
-        f"params0 does not match params at '{_paths.path_str(path)}': params0 has dtype "
-        f"{anchor.dtype} (shape {tuple(np.shape(anchor))}), params has dtype {leaf.dtype} "
-        f"(shape {tuple(np.shape(leaf))})."
-      )
-  extra = [p for p in table.entries if p not in seen]
-  if extra:
-    raise ValueError(
-      f"params0 does not match params: params0 has '{_paths.path_str(extra[0])}' with shape "
-      f"{tuple(np.shape(table.entries[extra[0]]))}, params has no such path."
-    )
-  return table
-
-
-def _store_anchor(x: chex.Array, anchor_dtype: Any) -> chex.Array:
-  """A copy of ``x`` (at ``anchor_dtype``); abstract for an abstract ``x`` (ShapeDtypeStruct)."""
-  def copy(v: chex.Array) -> chex.Array:
-    if anchor_dtype is not None and _paths.is_float_leaf(v):
-      return jnp.asarray(v, dtype=anchor_dtype)
-    return jnp.array(v, copy=True)
-
-  return _paths.on_value(copy, x)
 
 
 def rollback_to(
@@ -195,10 +103,10 @@ def rollback_to(
       params given to ``init`` (copied). Stored in the optimizer state, never
       in a closure, so it is sharded, donated and checkpointed with the state.
     rate: per-step fraction, a scalar or an Optax schedule of the step count.
-    layer_scale: per-leaf multiplier :math:`s_i`: a scalar, a pytree over the
-      params (a leaf may be an array broadcasting against the parameter, e.g.
-      shape ``(L, 1, 1)`` for ``L`` stacked layers) or a callable
-      ``(path, leaf) -> value`` with ``path`` a tuple of ``str``/``int`` keys.
+    layer_scale: per-leaf multiplier :math:`s_i`: a scalar, a
+      :class:`LayerProfile`, a (prefix) pytree over the params (a leaf may be
+      an array broadcasting against the parameter, e.g. shape ``(L, 1, 1)``
+      for ``L`` stacked layers) or a callable ``params -> pytree``.
     mask: which leaves to roll back: a pytree of bools, a callable
       ``params -> pytree of bools``, or glob patterns over ``'a/b/c'`` paths.
       Masked-out leaves store no anchor.
@@ -223,25 +131,19 @@ def rollback_to(
     Ning, Li et al., "DualOpt: decoupled optimization for scratch and
     fine-tuning", 2026.
   """
-  check_fraction_range(rate, layer_scale, name="rollback_to")
+  _hyperparams.check_fraction_range(rate, layer_scale, name="rollback_to")
 
   def init_fn(params: optax.Params) -> RollbackState:
-    if params0 is None:
-      anchor = _paths.map_with_path(lambda _p, x: _store_anchor(x, anchor_dtype), params)
-    else:
-      table = check_anchor_matches(params0, params)
-      anchor = _paths.map_with_path(
-        lambda path, _x: _store_anchor(table.get(path), anchor_dtype), params
-      )
+    anchor = _anchor.init(params, params0, anchor_dtype=anchor_dtype)
     scales = _profile.init_layer_scale(layer_scale, params, name="rollback_to: layer_scale")
     _check_scales_in_range(scales, rate, name="rollback_to")
     count = jnp.zeros([], jnp.int32)
-    return RollbackState(count, anchor, scales, _rate_state(rate, count))
+    return RollbackState(count, anchor, scales, _rate_state(rate, count, "rollback_to"))
 
   def update_fn(updates, state: RollbackState, params=None):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
-    rate_t = _rate_at(rate, state.count)
+    rate_t = _hyperparams.value_at(rate, state.count, name="rollback_to: rate")
     scales = _profile.layer_multipliers(
       layer_scale, state.layer_scale, updates, name="rollback_to"
     )
@@ -256,11 +158,11 @@ def rollback_to(
     count = optax.safe_increment(state.count)
     new_state = RollbackState(
       count, state.anchor, _profile.refreshed(layer_scale, state.layer_scale),
-      _rate_state(rate, count),
+      _rate_state(rate, count, "rollback_to"),
     )
     return new_updates, new_state
 
-  return masked(optax.GradientTransformation(init_fn, update_fn), mask)
+  return _masks.masked(optax.GradientTransformation(init_fn, update_fn), mask)
 
 
 def layerwise_decay(
@@ -284,8 +186,8 @@ def layerwise_decay(
 
   Args:
     rate: per-step fraction, a scalar or an Optax schedule of the step count.
-    layer_scale: per-leaf multiplier (scalar, pytree, or ``(path, leaf)``
-      callable; see :func:`rollback_to`).
+    layer_scale: per-leaf multiplier (scalar, ``LayerProfile``, pytree or
+      ``params -> pytree``; see :func:`rollback_to`).
     mask: which leaves to decay (pytree of bools, callable, or glob patterns).
 
   Returns:
@@ -305,7 +207,7 @@ def layerwise_decay(
     fine-tuning", 2026 (abstract; the operator's exact form is our reading,
     see BUILD_NOTES.md).
   """
-  check_fraction_range(rate, layer_scale, name="layerwise_decay")
+  _hyperparams.check_fraction_range(rate, layer_scale, name="layerwise_decay")
 
   def init_fn(params: optax.Params) -> LayerwiseDecayState:
     scales = _profile.init_layer_scale(
@@ -313,12 +215,12 @@ def layerwise_decay(
     )
     _check_scales_in_range(scales, rate, name="layerwise_decay")
     count = jnp.zeros([], jnp.int32)
-    return LayerwiseDecayState(count, scales, _rate_state(rate, count))
+    return LayerwiseDecayState(count, scales, _rate_state(rate, count, "layerwise_decay"))
 
   def update_fn(updates, state: LayerwiseDecayState, params=None):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
-    rate_t = _rate_at(rate, state.count)
+    rate_t = _hyperparams.value_at(rate, state.count, name="layerwise_decay: rate")
     scales = _profile.layer_multipliers(
       layer_scale, state.layer_scale, updates, name="layerwise_decay"
     )
@@ -331,8 +233,9 @@ def layerwise_decay(
     )
     count = optax.safe_increment(state.count)
     new_state = LayerwiseDecayState(
-      count, _profile.refreshed(layer_scale, state.layer_scale), _rate_state(rate, count)
+      count, _profile.refreshed(layer_scale, state.layer_scale),
+      _rate_state(rate, count, "layerwise_decay"),
     )
     return new_updates, new_state
 
-  return masked(optax.GradientTransformation(init_fn, update_fn), mask)
+  return _masks.masked(optax.GradientTransformation(init_fn, update_fn), mask)

@@ -4,7 +4,7 @@ Every param-sized buffer of an Optax state -- Adam moments, the rollback
 anchor, SPD's anchor -- is laid out exactly like the parameter it belongs to;
 counters and other small leaves are replicated. These helpers compute those
 shardings from the params' shardings with JAX's own machinery
-(``jax.eval_shape``, ``optax.tree_map_params``, ``jax.jit(...,
+(``jax.eval_shape``, the params' tree structure, ``jax.jit(...,
 out_shardings=...)``); nothing here communicates by itself.
 
 Typical use on a mesh (one host or many)::
@@ -112,49 +112,43 @@ def _shape_of(x: Any) -> tuple[int, ...]:
   return tuple(np.shape(x))
 
 
-def _via_tree_map_params(
-  tx: Any, abstract_state: Any, params: Any, param_sh: Any, replicated: Sharding
+def _param_shaped_subtrees(
+  abstract_state: Any, params: Any, param_sh: Any, replicated: Sharding
 ) -> Any:
-  """Optax's own mapping: param-shaped subtrees of the state get the param shardings."""
+  """Shardings for a state: its subtrees with the params' structure are matched leaf by leaf.
 
-  def per_leaf(state_leaf, param, sharding):
-    if _paths.is_masked_node(state_leaf):
-      return state_leaf
-    return sharding if _shape_of(state_leaf) == _shape_of(param) else replicated
-
-  return optax.tree_map_params(
-    tx,
-    per_leaf,
-    abstract_state,
-    params,
-    param_sh,
-    # A non-params subtree (e.g. RollbackState.scale, a tuple of per-leaf scalars) comes whole.
-    transform_non_params=lambda subtree: jax.tree.map(lambda _: replicated, subtree),
-    is_leaf=_paths.is_masked_node,
-  )
-
-
-def _via_paths(abstract_state: Any, params: Any, param_sh: Any, replicated: Sharding) -> Any:
-  """Fallback: a state leaf whose path ends with a param's path and has its shape gets its sharding.
-
-  Used when ``tx.init`` cannot run on ``optax.tree_map_params``'s placeholder
-  (e.g. ``rollback_to(params0)`` checks its anchor against the params).
+  A subtree of the state whose tree structure is the params' (Adam's moments,
+  an anchor, with ``optax.MaskedNode`` where a mask left a leaf out) gets,
+  per leaf, the parameter's sharding when the shapes agree and a replicated
+  one otherwise (per-leaf scalars); every other leaf is replicated. This is
+  how ``optax.tree_map_params`` recognises parameter trees, without running
+  ``tx.init`` on placeholders (which our transformations refuse: they read
+  shapes and check an anchor at ``init``).
   """
-  table: dict[tuple, tuple[tuple[int, ...], Sharding]] = {}
-  for (path, leaf), (_, sharding) in zip(
-    _paths.leaves_with_paths(params), _paths.leaves_with_paths(param_sh), strict=True
-  ):
-    if not _paths.is_masked_node(leaf):
-      table[path] = (_shape_of(leaf), sharding)
+  params_def = jax.tree_util.tree_structure(params, is_leaf=_paths.is_masked_node)
+  param_leaves = jax.tree_util.tree_leaves(params, is_leaf=_paths.is_masked_node)
+  sharding_leaves = jax.tree_util.tree_leaves(param_sh, is_leaf=_paths.is_masked_node)
 
-  def per_leaf(path, leaf):
-    for start in range(len(path) + 1):
-      hit = table.get(path[start:])
-      if hit is not None and hit[0] == _shape_of(leaf):
-        return hit[1]
-    return replicated
+  def is_params_like(node: Any) -> bool:
+    if _paths.is_masked_node(node):
+      return False
+    return jax.tree_util.tree_structure(node, is_leaf=_paths.is_masked_node) == params_def
 
-  return _paths.map_with_path(per_leaf, abstract_state)
+  def per_subtree(node: Any) -> Any:
+    if not is_params_like(node):
+      return jax.tree.map(lambda _: replicated, node)
+    leaves = jax.tree_util.tree_leaves(node, is_leaf=_paths.is_masked_node)
+    out = [
+      leaf if _paths.is_masked_node(leaf)
+      else sharding if _shape_of(leaf) == _shape_of(param) else replicated
+      for leaf, param, sharding in zip(leaves, param_leaves, sharding_leaves, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(params_def, out)
+
+  return jax.tree.map(
+    per_subtree, abstract_state,
+    is_leaf=lambda x: _paths.is_masked_node(x) or is_params_like(x),
+  )
 
 
 def state_shardings(
@@ -170,9 +164,9 @@ def state_shardings(
   state leaf with the shape of a parameter get that parameter's sharding; step
   counters and all other leaves are replicated over the same devices. The
   state is never computed (``jax.eval_shape``), so this is free for any model
-  size. Param-shaped subtrees are found with ``optax.tree_map_params``; when
-  ``tx.init`` cannot run on its placeholder, state leaves are matched to
-  parameters by path suffix and shape instead.
+  size. Param-shaped subtrees are the subtrees of the state with the params'
+  tree structure (what ``optax.tree_map_params`` looks for), matched leaf by
+  leaf; a leaf of another shape there (a per-leaf scalar) is replicated.
 
   Since every DualOpt transform is elementwise per parameter (or reduces one
   tensor at a time), a state sharded like the params needs no communication
@@ -213,10 +207,7 @@ def state_shardings(
     lambda _p, x: jax.ShapeDtypeStruct(_shape_of(x), x.dtype), params
   )
   abstract_state = jax.eval_shape(tx.init, abstract_params)
-  try:
-    return _via_tree_map_params(tx, abstract_state, abstract_params, param_sh, replicated)
-  except Exception:  # noqa: BLE001 -- tx.init rejected optax's placeholder: match by path.
-    return _via_paths(abstract_state, abstract_params, param_sh, replicated)
+  return _param_shaped_subtrees(abstract_state, abstract_params, param_sh, replicated)
 
 
 def init_sharded(

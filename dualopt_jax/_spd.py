@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -10,7 +11,7 @@ import numpy as np
 import optax
 from optax._src import base as optax_base
 
-from dualopt_jax import _paths, _rollback, _tree_norms
+from dualopt_jax import _anchor, _hyperparams, _masks, _norms, _paths
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -29,9 +30,8 @@ def spd(
   strength: ScalarOrSchedule,
   params0: optax.Params | None = None,
   mask: Any = None,
-  zero_anchor: bool = False,
-  head: Any = None,
-  stacked: Any = None,
+  decay_to_zero: Any = None,
+  stacked: str | Sequence[str] | None = None,
   anchor_dtype: Any = None,
 ) -> optax.GradientTransformation:
   r"""Selective Projection Decay wrapping an inner optimizer (which includes the lr).
@@ -67,14 +67,14 @@ def spd(
     mask: which leaves SPD decays (pytree of bools, callable, or glob
       patterns); the inner optimizer still updates every leaf. Leaves not
       decayed store no anchor (e.g. exclude a new head with ``mask``).
-    zero_anchor: decay toward 0 and store no anchor (the mode for adapters
-      such as LoRA, whose pre-trained value is 0).
-    head: leaves decayed toward 0 instead of the anchor (e.g. a new head;
-      pytree of bools, callable or glob patterns); they store no anchor. To
-      leave the head alone instead, exclude it with ``mask``.
-    stacked: which leaves stack layers on axis 0 (``None``, ``"auto"``,
-      ``True``, glob patterns, ``(path, leaf)`` callable or pytree of bools); the gate and
-      the norms are then computed per layer.
+    decay_to_zero: leaves decayed toward 0 instead of the anchor (pytree of
+      bools, ``params -> bools`` callable or glob patterns; ``True`` for every
+      leaf, the mode for adapters such as LoRA, whose pre-trained value is 0);
+      they store no anchor. To leave a new head alone, exclude it with
+      ``mask``.
+    stacked: the subtrees that stack layers on axis 0, as in ``layer_depths``:
+      ``None`` detects them, glob patterns name them, ``()`` means none. The
+      gate and the norms are then computed per layer.
     anchor_dtype: store the anchor at this dtype (e.g. ``jnp.bfloat16``).
 
   Returns:
@@ -82,8 +82,8 @@ def spd(
 
   Example:
     >>> import jax.numpy as jnp, optax
-    >>> from dualopt_jax._spd import spd
-    >>> tx = spd(optax.adam(1e-3), strength=1.0)
+    >>> import dualopt_jax as dj
+    >>> tx = dj.spd(optax.adam(1e-3), strength=1.0)
     >>> params = {'w': jnp.ones(3)}
     >>> state = tx.init(params)
     >>> updates, state = tx.update({'w': jnp.ones(3)}, state, params)
@@ -92,38 +92,25 @@ def spd(
     Tian, Huang, Kira, "Rethinking Weight Decay for Robust Fine-Tuning of
     Foundation Models" (Selective Projection Decay), NeurIPS 2024.
   """
-  if not callable(strength):
-    v = _rollback._concrete_float(strength)
-    if v is not None and np.any(v < 0):
-      raise ValueError(f"spd: strength must be >= 0, got {strength!r}.")
-  if zero_anchor and params0 is not None:
-    raise ValueError("spd: give either params0 or zero_anchor=True, not both.")
-  mask_fn = None if mask is None else _tree_norms.named_mask(mask, "spd: mask")
-  head_fn = None if head is None else _tree_norms.named_mask(head, "spd: head")
+  _hyperparams.check_at_least(strength, 0.0, name="spd: strength")
+  if decay_to_zero is True and params0 is not None:
+    raise ValueError(
+      "spd: params0 is given but decay_to_zero=True decays every leaf toward 0; give one, "
+      "not both."
+    )
 
   def decayed(params: Any) -> Any:
-    if mask_fn is None:
-      return _paths.map_with_path(lambda _p, _x: True, params)
-    return mask_fn(params)
+    return _masks.flags(mask, params, name="spd: mask", default=True)
 
   def init_fn(params: optax.Params) -> SPDState:
-    flags = decayed(params)
-    _tree_norms.stacked_flags(stacked, params)  # raises early on a bad spec
-    if params0 is not None and not zero_anchor:
-      table = _rollback.check_anchor_matches(params0, params)
-      source = lambda path, x: table.get(path)
-    else:
-      source = lambda _path, x: x
-
-    def store(path, x, d, is_head):
-      if zero_anchor or is_head or not d or not _paths.is_float_leaf(x):
-        return optax.MaskedNode()
-      return _rollback._store_anchor(source(path, x), anchor_dtype)
-
-    heads = (
-      _paths.map_with_path(lambda _p, _x: False, params) if head_fn is None else head_fn(params)
+    _norms.stacked_flags(stacked, params)  # raises early on a bad spec
+    anchor = _anchor.init(
+      params, params0, anchor_dtype=anchor_dtype,
+      stored=lambda tree: _paths.map_with_path(
+        lambda _p, x, d, zero: d and not zero and _paths.is_float_leaf(x),
+        tree, decayed(tree), _masks.flags(decay_to_zero, tree, name="spd: decay_to_zero"),
+      ),
     )
-    anchor = _paths.map_with_path(store, params, flags, heads)
     return SPDState(
       count=jnp.zeros([], jnp.int32), inner_state=inner.init(params), anchor=anchor
     )
@@ -134,9 +121,9 @@ def spd(
     inner_updates, inner_state = optax.with_extra_args_support(inner).update(
       updates, state.inner_state, params, **extra_args
     )
-    lam = _tree_norms.value_at(strength, state.count)
+    lam = _hyperparams.value_at(strength, state.count, name="spd: strength")
     flags = decayed(params)
-    st_flags = _tree_norms.stacked_flags(stacked, params)
+    st_flags = _norms.stacked_flags(stacked, params)
 
     def leaf(path, u, g, p, a, d, st):
       if not d or not _paths.is_float_leaf(u):
@@ -147,10 +134,10 @@ def spd(
       if not _paths.is_masked_node(a):
         prev = prev - a.astype(compute)
       cand = prev + uf
-      axes = _tree_norms.reduce_axes(np.ndim(u), stacked=bool(st), per="tensor")
+      axes = _norms.reduce_axes(np.ndim(u), stacked=bool(st), per="tensor")
       c = -jnp.sum(g.astype(compute) * prev, axis=axes, keepdims=True)
-      n_cand = _tree_norms.norm_keepdims(cand, axes)
-      n_prev = _tree_norms.norm_keepdims(prev, axes)
+      n_cand = _norms.norm_keepdims(cand, axes)
+      n_prev = _norms.norm_keepdims(prev, axes)
       ratio = jnp.where(n_cand > 0, (n_cand - n_prev) / jnp.where(n_cand > 0, n_cand, 1.0), 0.0)
       r = jnp.clip(ratio, 0.0, 1.0)
       factor = jnp.where(c < 0, jnp.asarray(lam, compute) * r, 0.0)

@@ -74,7 +74,7 @@ def test_params0_is_keyword_only() -> None:
 
 def test_per_block_pools_each_block() -> None:
   params, params0 = _pair()
-  out = jax.jit(lambda a, b: drift(a, params0=b, per="block"))(params, params0)
+  out = jax.jit(lambda a, b: drift(a, params0=b, granularity="block"))(params, params0)
   p, p0 = _np(params), _np(params0)
 
   def block_of(key: str) -> str:  # hand-made grouping for this model
@@ -120,7 +120,7 @@ def test_stacked_layers_give_one_value_per_layer() -> None:
   params = {"layers": {"kernel": params0["layers"]["kernel"] * scale},
             "head": {"kernel": jnp.ones((2, 2))}}
   for per in ("tensor", "block"):
-    out = drift(params, params0=params0, per=per, stacked="layers")
+    out = drift(params, params0=params0, granularity=per, stacked="layers")
     np.testing.assert_allclose(out["drift/layers" + ("/kernel" if per == "tensor" else "")],
                                [0.0, 0.5, 2.0], rtol=1e-6)
 
@@ -147,7 +147,10 @@ def test_nnx_state_and_custom_grouping() -> None:
   model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
   state0 = nnx.clone(nnx.state(model, nnx.Param))
   model.layers[0].kernel[...] = model.layers[0].kernel[...] * 2.0
-  out = drift(nnx.state(model, nnx.Param), params0=state0, per=lambda path: f"layer{path[1]}")
+  layer_of = lambda tree: jax.tree_util.tree_map_with_path(
+    lambda kp, _x: f"layer{kp[1].key}", tree
+  )
+  out = drift(nnx.state(model, nnx.Param), params0=state0, groups=layer_of)
   k0 = np.asarray(state0["layers"][0]["kernel"][...])
   b0 = np.asarray(state0["layers"][0]["bias"][...])
   want = np.linalg.norm(k0) / np.sqrt(np.sum(k0**2) + np.sum(b0**2))

@@ -58,7 +58,7 @@ def test_matches_numpy_reference(coupled: bool, alpha_kind: str) -> None:
   anchor = jax.tree.map(lambda x: x + 0.3 * np.float32(1.0), theta0)  # a distinct params0
   alpha = 0.5 if alpha_kind == "scalar" else (lambda count: 0.5 / (1.0 + 0.1 * count))
   beta = 0.2
-  tx = l2sp(LR, alpha=alpha, beta=beta, coupled=coupled, head="head",
+  tx = l2sp(LR, alpha=alpha, beta=beta, coupled=coupled, decay_to_zero="head",
             params0=jax.tree.map(jnp.asarray, anchor))
   params = jax.tree.map(jnp.asarray, theta0)
   state = tx.init(params)
@@ -111,7 +111,7 @@ def test_coupled_equals_loss_term_gradient_on_flax_model() -> None:
     return loss(p) + alpha / 2 * sq(body, body0) + beta / 2 * head_sq
 
   tx = optax.chain(
-    add_l2sp_gradient(alpha, beta, params0=pretrained, head="head"), optax.adam(1e-2)
+    add_l2sp_gradient(alpha, beta, params0=pretrained, decay_to_zero="head"), optax.adam(1e-2)
   )
   ref_tx = optax.adam(1e-2)
   p, s = params, tx.init(params)
@@ -152,7 +152,7 @@ def test_mask_excludes_leaves() -> None:
     (add_l2sp_gradient, {"alpha": -1.0}, "alpha must be >= 0"),
     (decay_to_anchor, {"alpha": 0.1, "beta": -1.0}, "beta must be >= 0"),
     (add_l2sp_gradient, {"alpha": 0.1, "params0": {"w": jnp.ones(2, jnp.bfloat16)}}, "'w'.*dtype"),
-    (decay_to_anchor, {"alpha": 0.1, "head": ["nope"], "params0": {"x": jnp.ones(2)}}, "'w'"),
+    (decay_to_anchor, {"alpha": 0.1, "decay_to_zero": ["nope"], "params0": {"x": jnp.ones(2)}}, "'w'"),
   ],
 )
 def test_bad_input_is_rejected(factory, kwargs: dict, match: str) -> None:
@@ -169,4 +169,5 @@ def test_works_in_context(context: str, coupled: bool) -> None:
   else:
     wrap = lambda t: optax.chain(optax.scale_by_adam(), t, optax.scale_by_learning_rate(1e-2))
     factory = decay_to_anchor
-  check_context(context, factory, {"alpha": 0.5, "beta": 0.1}, static={"head": "head"}, wrap=wrap)
+  check_context(context, factory, {"alpha": 0.5, "beta": 0.1}, static={"decay_to_zero": "head"},
+                wrap=wrap)

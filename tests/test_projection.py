@@ -239,6 +239,7 @@ def test_matches_numpy_reference(mode: str, radius_kind: str) -> None:
   lr, steps = 0.05, 25
   per_path = {"w2": 0.3, "w4": 0.5, "b": 0.2, "s": 0.05, "stack": 0.25}
   schedule = None
+  layer_scale = 1.0
   if radius_kind == "scalar":
     radius, radius_of = 0.3, lambda k: 0.3
   elif radius_kind == "schedule":
@@ -247,9 +248,12 @@ def test_matches_numpy_reference(mode: str, radius_kind: str) -> None:
   elif radius_kind == "pytree":
     radius, radius_of = per_path, per_path.__getitem__
   else:
-    radius, radius_of = (lambda path, leaf: per_path[path[0]]), per_path.__getitem__
+    # a per-leaf callable is ``params -> pytree`` (a callable radius is a schedule)
+    radius, radius_of = 1.0, per_path.__getitem__
+    layer_scale = lambda tree: {k: per_path[k] for k in tree}
   params = {k: jnp.asarray(v, jnp.float32) for k, v in PARAMS.items()}
-  tx = optax.chain(optax.sgd(lr), project_to_anchor(radius, norm=mode, stacked="stack"))
+  tx = optax.chain(optax.sgd(lr), project_to_anchor(radius, norm=mode, stacked="stack",
+                                                    layer_scale=layer_scale))
   state = tx.init(params)
   step = jax.jit(tx.update)
   for t in range(steps):
@@ -336,11 +340,11 @@ def test_works_in_context(context: str) -> None:
 
 
 def test_auto_detects_scanned_layers() -> None:
-  """stacked="auto": an nn.scan-style subtree ('layers', shared leading axis) is per layer."""
+  """stacked=None: an nn.scan-style subtree ('layers', shared leading axis) is per layer."""
   params = {"embed": {"embedding": jnp.zeros((4, 2))},
             "layers": {"kernel": jnp.zeros((3, 2, 2)), "bias": jnp.zeros((3, 2))},
             "head": {"kernel": jnp.zeros((2, 2))}}
-  tx = optax.chain(optax.sgd(1.0), project_to_anchor(1.0, stacked="auto"))
+  tx = optax.chain(optax.sgd(1.0), project_to_anchor(1.0, stacked=None))
   grads = jax.tree.map(lambda x: -jnp.ones_like(x), params)
   new = optax.apply_updates(params, tx.update(grads, tx.init(params), params)[0])
   per_layer = np.sqrt(np.sum(np.asarray(new["layers"]["kernel"]) ** 2, axis=(1, 2)))

@@ -92,7 +92,7 @@ def test_matches_numpy_reference(variant: str) -> None:
     kwargs["strength"] = _schedule
   elif variant == "zero_anchor":
     anchor = {k: np.zeros(s) for k, s in SHAPES.items()}
-    kwargs["zero_anchor"] = True
+    kwargs["decay_to_zero"] = True
   elif variant == "stacked":
     stacked = ("c",)
     kwargs["stacked"] = "c"
@@ -153,7 +153,7 @@ def test_mask_and_anchor_dtype() -> None:
   "kwargs, match",
   [
     ({"strength": -0.1}, "strength must be >= 0"),
-    ({"strength": 0.1, "zero_anchor": True, "params0": {"w": jnp.ones(3)}}, "not both"),
+    ({"strength": 0.1, "decay_to_zero": True, "params0": {"w": jnp.ones(3)}}, "not both"),
     ({"strength": 0.1, "params0": {"w": jnp.ones(4)}}, "'w'.*shape"),
     ({"strength": 0.1, "params0": {"v": jnp.ones(3)}}, "'w'"),
     ({"strength": 0.1, "mask": {"x": True}}, "mask has no entry for parameter path 'w'"),
@@ -175,7 +175,7 @@ def test_head_is_decayed_toward_zero() -> None:
   """head= leaves use the anchor 0 while the body uses params0 (checked on one decayed step)."""
   params0 = {"body": jnp.array([1.0, 0.0]), "head": jnp.array([5.0, 5.0])}
   params = {"body": jnp.array([2.0, 0.0]), "head": jnp.array([1.0, 0.0])}
-  tx = spd(optax.sgd(1.0), strength=0.5, params0=params0, head="head")
+  tx = spd(optax.sgd(1.0), strength=0.5, params0=params0, decay_to_zero="head")
   state = tx.init(params)
   assert isinstance(state.anchor["head"], optax.MaskedNode)
   grads = {"body": jnp.array([0.5, -1.0]), "head": jnp.array([0.5, -1.0])}
