@@ -179,60 +179,52 @@ def _depth_scale(path, leaf):
 def _chain_finetune(anchor_dtype=None):
   import optax
 
-  from dualopt_jax._rollback import rollback_to
+  import dualopt_jax as dj
 
   return optax.chain(
     optax.scale_by_adam(),
     optax.scale_by_learning_rate(LR),
-    rollback_to(rate=0.01, layer_scale=_depth_scale, anchor_dtype=anchor_dtype),
+    dj.rollback_to(rate=0.01, layer_scale=_depth_scale, anchor_dtype=anchor_dtype),
   )
 
 
 def _chain_scratch():
   import optax
 
-  from dualopt_jax._rollback import layerwise_decay
+  import dualopt_jax as dj
 
   return optax.chain(
     optax.scale_by_adam(),
     optax.scale_by_learning_rate(LR),
-    layerwise_decay(rate=1e-4, layer_scale=_depth_scale),
+    dj.layerwise_decay(rate=1e-4, layer_scale=_depth_scale),
   )
 
 
 def available_methods() -> tuple[dict[str, Method], list[str]]:
-  """All methods whose modules exist, and notes about the ones that do not."""
+  """All benchmarked methods, and printable notes (none: every method is in ``dualopt_jax``)."""
+  import dualopt_jax as dj
+
   notes = []
   methods = {"adamw": Method("adamw", lambda _spec: _adamw(), 28.0, "optax.adamw")}
-  try:
-    from dualopt_jax._dualopt import dualopt, olor
-  except ImportError as e:
-    notes.append(f"dualopt_jax._dualopt not importable ({e}); dualopt/olor rows skipped")
-  else:
-    methods["dualopt_ft"] = Method(
-      "dualopt_ft", lambda _spec: dualopt(LR, mode="finetune"), 32.0, "f32 anchor"
-    )
-    methods["dualopt_ft_bf16"] = Method(
-      "dualopt_ft_bf16",
-      lambda _spec: dualopt(LR, mode="finetune", anchor_dtype=jnp.bfloat16),
-      30.0,
-      "bf16 anchor",
-    )
-    methods["dualopt_scratch"] = Method(
-      "dualopt_scratch", lambda _spec: dualopt(LR, mode="scratch"), 28.0, "anchor 0"
-    )
-    methods["olor"] = Method(
-      "olor", lambda spec: olor(LR, order=forward_positions(spec)), 32.0, "f32 anchor"
-    )
-  try:
-    from dualopt_jax import _spd
-  except ImportError as e:
-    notes.append(f"dualopt_jax._spd not importable ({e}); spd row skipped")
-  else:
-    methods["spd"] = Method(
-      "spd", lambda _spec: _spd_factory(_spd), 32.0,
-      "one-pass bound; per-tensor norms need 2 passes",
-    )
+  methods["dualopt_ft"] = Method(
+    "dualopt_ft", lambda _spec: dj.dualopt(LR, mode="finetune"), 32.0, "f32 anchor"
+  )
+  methods["dualopt_ft_bf16"] = Method(
+    "dualopt_ft_bf16",
+    lambda _spec: dj.dualopt(LR, mode="finetune", anchor_dtype=jnp.bfloat16),
+    30.0,
+    "bf16 anchor",
+  )
+  methods["dualopt_scratch"] = Method(
+    "dualopt_scratch", lambda _spec: dj.dualopt(LR, mode="scratch"), 28.0, "anchor 0"
+  )
+  methods["olor"] = Method(
+    "olor", lambda spec: dj.olor(LR, order=forward_positions(spec)), 32.0, "f32 anchor"
+  )
+  methods["spd"] = Method(
+    "spd", lambda _spec: _spd_factory(), 32.0,
+    "one-pass bound; per-tensor norms need 2 passes",
+  )
   methods["chain_ft"] = Method(
     "chain_ft", lambda _spec: _chain_finetune(), 32.0, "adam+lr+rollback_to chain"
   )
@@ -245,11 +237,13 @@ def available_methods() -> tuple[dict[str, Method], list[str]]:
   return methods, notes
 
 
-def _spd_factory(mod):
-  """SPD (``dualopt_jax._spd.spd``) wrapping ``optax.adam`` (SPD replaces any other decay)."""
+def _spd_factory():
+  """SPD (``dj.spd``) wrapping ``optax.adam`` (SPD replaces any other decay)."""
   import optax
 
-  return mod.spd(optax.adam(LR), strength=1.0)
+  import dualopt_jax as dj
+
+  return dj.spd(optax.adam(LR), strength=1.0)
 
 
 DEFAULT_METHODS = (

@@ -1,6 +1,6 @@
-"""Prototype (issue 6): an SPD step with fewer passes over memory, timed against ``_spd.spd``.
+"""Prototype (issue 6): an SPD step with fewer passes over memory, timed against ``dj.spd``.
 
-Not part of the library. It re-states the SPD leaf rule of ``dualopt_jax._spd``
+Not part of the library. It re-states the SPD leaf rule of ``dj.spd``
 with the norms expanded so that every reduction reads only the step's inputs:
 
   prev = p - a,  cand = prev + u
@@ -9,7 +9,7 @@ with the norms expanded so that every reduction reads only the step's inputs:
 
 and computes the four sums ``<g, prev>, |prev|^2, <prev, u>, |u|^2`` in one
 variadic ``lax.reduce`` (one read of g, p, a, u) instead of materialising
-``prev`` and ``cand``. The result is checked against ``_spd.spd`` and timed
+``prev`` and ``cand``. The result is checked against ``dj.spd`` and timed
 with ``step_time.bench_size``.
 
 Usage::
@@ -86,12 +86,12 @@ def proto_spd(inner, strength, *, variadic=True):
 
 
 def check_matches_spd(spec):
-  """Three steps of the prototype equal ``_spd.spd``'s to float32 rounding."""
-  from dualopt_jax._spd import spd
+  """Three steps of the prototype equal ``dj.spd``'s to float32 rounding."""
+  import dualopt_jax as dj
 
   params = _trees.make_params(spec)
   results = []
-  for tx in (spd(optax.adam(1e-2), strength=1.0), proto_spd(optax.adam(1e-2), 1.0)):
+  for tx in (dj.spd(optax.adam(1e-2), strength=1.0), proto_spd(optax.adam(1e-2), 1.0)):
     p, s = params, tx.init(params)
     for i in range(3):
       # Gradients that push away from the anchor, so the gate opens.
@@ -109,7 +109,7 @@ def main(argv=None):
   ap.add_argument("--rounds", type=int, default=9)
   args = ap.parse_args(argv)
   check_matches_spd(_trees.TreeSpec("check", d_model=16, n_layers=2, vocab=32))
-  print("prototype matches dualopt_jax._spd.spd")
+  print("prototype matches dj.spd")
   methods, _ = _trees.select_methods(["adamw", "spd"])
   methods += [
     _trees.Method("spd_proto_variadic", lambda: proto_spd(optax.adam(_trees.LR), 1.0), 32.0),

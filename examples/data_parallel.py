@@ -31,8 +31,7 @@ import optax  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from dualopt_jax._dualopt import dualopt  # noqa: E402
-from dualopt_jax._sharding import fsdp_shardings, init_sharded, state_shardings  # noqa: E402
+import dualopt_jax as dj  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -53,8 +52,8 @@ def loss_fn(params, x, y):
 
 def make_tx(mode: str) -> optax.GradientTransformation:
   if mode == "finetune":  # roll back toward the pre-trained weights; the new head is free
-    return dualopt(3e-3, mode="finetune", rollback=0.02, head="head")
-  return dualopt(3e-3, mode="scratch", weight_decay=1e-3)
+    return dj.dualopt(3e-3, mode="finetune", rollback=0.02, head="head")
+  return dj.dualopt(3e-3, mode="scratch", weight_decay=1e-3)
 
 
 def cpu_sync(tree):
@@ -88,12 +87,12 @@ def run_mesh(tx, params, data, steps, *, fsdp: bool):
   n = jax.device_count()
   mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,))
   if fsdp:
-    param_sh = fsdp_shardings(params, mesh, "data")  # one dimension of each tensor split n ways
+    param_sh = dj.fsdp_shardings(params, mesh, "data")  # one dimension of each tensor split n ways
   else:
     param_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
   p = jax.device_put(params, param_sh)
-  state_sh = state_shardings(tx, p)  # moments and anchor laid out like their parameter
-  s = init_sharded(tx, p)  # = jax.jit(tx.init, out_shardings=state_sh)(p)
+  state_sh = dj.state_shardings(tx, p)  # moments and anchor laid out like their parameter
+  s = dj.init_sharded(tx, p)  # = jax.jit(tx.init, out_shardings=state_sh)(p)
   x, y = jax.device_put(data, NamedSharding(mesh, P("data")))  # batch split over devices
   step = jax.jit(
     lambda p, s, x, y: train_step(tx, p, s, x, y),

@@ -50,7 +50,7 @@ def problem():
   import jax
   import numpy as np
 
-  from dualopt_jax._dualopt import dualopt
+  import dualopt_jax as dj
 
   class MLP(nn.Module):
     @nn.compact
@@ -64,7 +64,7 @@ def problem():
   x = rng.normal(size=(GLOBAL_BATCH, 32)).astype(np.float32)
   y = np.argmax(x @ rng.normal(size=(32, 8)), axis=1).astype(np.int32)
   params = jax.tree.map(np.asarray, model.init(jax.random.key(0), x[:1])["params"])
-  tx = dualopt(3e-3, mode="finetune", rollback=0.02, head="head")
+  tx = dj.dualopt(3e-3, mode="finetune", rollback=0.02, head="head")
   return model, params, x, y, tx
 
 
@@ -105,14 +105,14 @@ def run_process(args) -> None:
   from jax.sharding import AxisType, NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from dualopt_jax._sharding import fsdp_shardings, init_sharded, state_shardings
+  import dualopt_jax as dj
 
   me = jax.process_index()
   print(f"[{me}] process {me}/{jax.process_count()}: {jax.local_device_count()} local devices, "
         f"{jax.device_count()} in the cluster", flush=True)
   model, params_np, x_np, y_np, tx = problem()
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-  param_sh = fsdp_shardings(params_np, mesh, "data")
+  param_sh = dj.fsdp_shardings(params_np, mesh, "data")
 
   def global_array(host_value, sharding):  # each process supplies only its own slices
     return jax.make_array_from_callback(host_value.shape, sharding, lambda i: host_value[i])
@@ -123,8 +123,8 @@ def run_process(args) -> None:
   # jax.make_array_from_process_local_data(batch_sh, local_rows).
   x, y = global_array(x_np, batch_sh), global_array(y_np, batch_sh)
 
-  state_sh = state_shardings(tx, params)
-  state = init_sharded(tx, params)  # each device materializes only its slice
+  state_sh = dj.state_shardings(tx, params)
+  state = dj.init_sharded(tx, params)  # each device materializes only its slice
   step = make_step(model, tx, (param_sh, state_sh, NamedSharding(mesh, P())))
   for i in range(args.steps):
     params, state, loss = step(params, state, x, y)

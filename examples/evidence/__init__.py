@@ -4,7 +4,7 @@ Modules:
 
 * ``data``      -- scikit-learn digits splits and Python-shipped text corpora (no downloads).
 * ``models``    -- a small Flax Linen CNN and a tiny char-level causal Transformer.
-* ``methods``   -- the registry of optimizers compared (missing modules are reported, not fatal).
+* ``methods``   -- the registry of optimizers compared, built with the public ``dualopt_jax`` API.
 * ``train``     -- a training loop vectorized over (hyper-parameter, seed) with ``jax.vmap``.
 * ``stats``     -- validation-based selection, mean +- std, table formatting, JSON/CSV output.
 * ``plots``     -- matplotlib (Agg) figures.

@@ -7,21 +7,22 @@ shared base learning rate (chosen for plain Adam on validation first, see
 ``vision.py``). Every method runs the same cosine learning-rate schedule
 (peak -> 0, no warm-up) and the same step budget.
 
-Methods that need a ``dualopt_jax`` module that is not there (the peer
-methods land separately) are reported as missing with the reason, never
-crash the benchmark: :func:`availability`.
+Every method is built from the public API (``import dualopt_jax as dj``)
+and Optax; parameter paths are read with ``jax.tree_util`` key paths.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import optax
 
-from dualopt_jax import _paths
+import dualopt_jax as dj
+
+from .train import path_keys
 
 GRID_SIZE = 4
 
@@ -47,7 +48,6 @@ class Method:
   hp_name: str
   grid: tuple[float, ...]
   build: Callable[[Context, Any], optax.GradientTransformation]
-  requires: tuple[str, ...] = ()  # "module:attr" needed from dualopt_jax
   tunes_lr: bool = False  # the main hp is the peak lr (else base_lr is used)
   note: str = ""
 
@@ -56,26 +56,17 @@ def cosine(peak: Any, steps: int) -> optax.Schedule:
   return optax.cosine_decay_schedule(init_value=peak, decay_steps=steps, alpha=0.0)
 
 
-def _import(spec: str) -> Any:
-  module, attr = spec.split(":")
-  return getattr(importlib.import_module(f"dualopt_jax.{module}"), attr)
-
-
-def availability(method: Method) -> str | None:
-  """None when the method can run, else why not (missing module/function)."""
-  for spec in method.requires:
-    try:
-      _import(spec)
-    except ImportError as e:
-      return f"dualopt_jax.{spec.split(':')[0]} not importable ({e.__class__.__name__}: {e})"
-    except AttributeError:
-      return f"dualopt_jax.{spec.split(':')[0]} has no {spec.split(':')[1]}"
-  return None
+def _map_with_path(fn: Callable[[tuple, Any], Any], tree: Any) -> Any:
+  """``jax.tree.map`` passing the leaf's path (a tuple of keys) first; MaskedNodes pass through."""
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  return jax.tree_util.tree_map_with_path(
+    lambda kp, x: x if masked(x) else fn(path_keys(kp), x), tree, is_leaf=masked
+  )
 
 
 def _head_labels(head: str | None) -> Callable[[Any], Any]:
-  selects = _paths.path_filter(head) if head else (lambda _p: False)
-  return lambda tree: _paths.map_with_path(
+  selects = dj.path_filter(head) if head else (lambda _p: False)
+  return lambda tree: _map_with_path(
     lambda path, _x: "head" if selects(path) else "body", tree
   )
 
@@ -94,8 +85,8 @@ def _adamw(ctx: Context, hp: Any) -> optax.GradientTransformation:
 
 def _linear_probe(ctx: Context, hp: Any) -> optax.GradientTransformation:
   if ctx.head is None:
-    labels = lambda tree: _paths.map_with_path(
-      lambda path, _x: "head" if _paths.path_filter("head")(path) else "body", tree
+    labels = lambda tree: _map_with_path(
+      lambda path, _x: "head" if dj.path_filter("head")(path) else "body", tree
     )
   else:
     labels = _head_labels(ctx.head)
@@ -106,8 +97,7 @@ def _linear_probe(ctx: Context, hp: Any) -> optax.GradientTransformation:
 
 def _dualopt(granularity: str) -> Callable[[Context, Any], optax.GradientTransformation]:
   def build(ctx: Context, hp: Any) -> optax.GradientTransformation:
-    dualopt = _import("_dualopt:dualopt")
-    return dualopt(
+    return dj.dualopt(
       cosine(ctx.base_lr, ctx.steps), mode="finetune", rollback=hp, granularity=granularity,
       head=ctx.head, peak_learning_rate=ctx.base_lr,
       order=ctx.order if granularity == "tensor" else None,
@@ -122,22 +112,18 @@ def _rollback_with_floor(ctx: Context, hp: Any) -> optax.GradientTransformation:
   Not a library preset: an ablation. With kappa_min = 0 the deepest non-head
   block is never rolled back; here it gets a quarter of the shallowest's pull.
   """
-  from dualopt_jax._depths import depth_profile
-  from dualopt_jax._rollback import rollback_to
-
   lr = cosine(ctx.base_lr, ctx.steps)
-  scale = depth_profile(ctx.depths, start=1.0, end=0.25, power=1.0)
+  scale = dj.depth_profile(ctx.depths, start=1.0, end=0.25, power=1.0)
   return optax.chain(
     optax.scale_by_adam(eps_root=0.0), optax.scale_by_learning_rate(lr),
-    rollback_to(rate=lambda count: hp * lr(count) / ctx.base_lr, layer_scale=scale,
-                mask=_not_head(ctx.head)),
+    dj.rollback_to(rate=lambda count: hp * lr(count) / ctx.base_lr, layer_scale=scale,
+                   mask=_not_head(ctx.head)),
   )
 
 
 def _olor_reference(ctx: Context, hp: Any) -> optax.GradientTransformation:
   # Reference pipeline: Adam, cosine lr from eta0, kappa_max = 0.01 / eta0, kappa_min 0, gamma 1.
-  olor = _import("_dualopt:olor")
-  return olor(
+  return dj.olor(
     cosine(hp, ctx.steps), back_level_max=0.01 / hp, back_level_min=0.0, back_pow=1.0,
     head=ctx.head, order=ctx.order,
   )
@@ -145,28 +131,25 @@ def _olor_reference(ctx: Context, hp: Any) -> optax.GradientTransformation:
 
 def _not_head(head: str | None) -> Any:
   """Mask callable selecting every leaf except the new head (None: every leaf)."""
-  selects = _paths.path_filter(head) if head else (lambda _p: False)
-  return lambda tree: _paths.map_with_path(lambda path, _x: not selects(path), tree)
+  selects = dj.path_filter(head) if head else (lambda _p: False)
+  return lambda tree: _map_with_path(lambda path, _x: not selects(path), tree)
 
 
 def _l2sp(coupled: bool) -> Callable[[Context, Any], optax.GradientTransformation]:
   def build(ctx: Context, hp: Any) -> optax.GradientTransformation:
-    l2sp = _import("_l2sp:l2sp")
     # beta = 0: the new head is not penalised (the reference repo's L2-SP baseline).
-    return l2sp(cosine(ctx.base_lr, ctx.steps), alpha=hp, beta=0.0, coupled=coupled,
-                head=ctx.head)
+    return dj.l2sp(cosine(ctx.base_lr, ctx.steps), alpha=hp, beta=0.0, coupled=coupled,
+                   head=ctx.head)
 
   return build
 
 
 def _spd(ctx: Context, hp: Any) -> optax.GradientTransformation:
-  spd = _import("_spd:spd")
-  return spd(optax.adam(cosine(ctx.base_lr, ctx.steps)), strength=hp, mask=_not_head(ctx.head))
+  return dj.spd(optax.adam(cosine(ctx.base_lr, ctx.steps)), strength=hp, mask=_not_head(ctx.head))
 
 
 def _llrd(ctx: Context, hp: Any) -> optax.GradientTransformation:
-  layerwise_lr_decay = _import("_lr_decay:layerwise_lr_decay")
-  return optax.chain(optax.scale_by_adam(), layerwise_lr_decay(hp),
+  return optax.chain(optax.scale_by_adam(), dj.layerwise_lr_decay(hp),
                      optax.scale_by_learning_rate(cosine(ctx.base_lr, ctx.steps)))
 
 
@@ -181,23 +164,21 @@ def transfer_methods() -> list[Method]:
     Method("adamw", "weight_decay", (1e-2, 1e-1, 1.0, 10.0), _adamw,
            note="optax.adamw, decay toward 0 multiplied by the lr"),
     Method("l2sp_coupled", "alpha", (1e-3, 1e-2, 1e-1, 1.0), _l2sp(True),
-           requires=("_l2sp:l2sp",), note="L2-SP penalty gradient through Adam"),
+           note="L2-SP penalty gradient through Adam"),
     Method("l2sp_decoupled", "alpha", (1e-2, 1e-1, 1.0, 10.0), _l2sp(False),
-           requires=("_l2sp:l2sp",), note="L2-SP decay toward the anchor after Adam"),
-    Method("spd", "strength", (0.03, 0.1, 0.3, 1.0), _spd, requires=("_spd:spd",),
+           note="L2-SP decay toward the anchor after Adam"),
+    Method("spd", "strength", (0.03, 0.1, 0.3, 1.0), _spd,
            note="selective projection decay"),
     Method("dualopt_block", "rollback", (3e-3, 1e-2, 3e-2, 1e-1), _dualopt("block"),
-           requires=("_dualopt:dualopt",), note="DualOpt fine-tune, one depth per block"),
+           note="DualOpt fine-tune, one depth per block"),
     Method("dualopt_tensor", "rollback", (3e-3, 1e-2, 3e-2, 1e-1), _dualopt("tensor"),
-           requires=("_dualopt:dualopt",), note="DualOpt fine-tune, one depth per tensor"),
+           note="DualOpt fine-tune, one depth per tensor"),
     Method("dualopt_block_floor", "rollback", (3e-3, 1e-2, 3e-2, 1e-1), _rollback_with_floor,
-           requires=("_rollback:rollback_to", "_depths:depth_profile"),
            note="ablation: block rollback with kappa_min = rollback/4 (composed from rollback_to)"),
     Method("olor_ref", "lr", (1e-4, 3e-4, 1e-3, 3e-3), _olor_reference, tunes_lr=True,
-           requires=("_dualopt:olor",),
            note="OLOR, reference settings: kappa_max=0.01/eta0, kappa_min=0, gamma=1, cosine"),
     Method("llrd", "decay", (0.5, 0.65, 0.8, 0.9), _llrd,
-           requires=("_lr_decay:layerwise_lr_decay",), note="layer-wise lr decay"),
+           note="layer-wise lr decay"),
     Method("linear_probe", "lr", (1e-3, 3e-3, 1e-2, 3e-2), _linear_probe, tunes_lr=True,
            note="frozen backbone, head trained with Adam"),
   ]

@@ -58,15 +58,9 @@ def run_methods(
   bar = tqdm(methods, desc="methods", disable=not progress)
   for m in bar:
     bar.set_postfix_str(m.name)
-    missing = methods_lib.availability(m)
     entry: dict[str, Any] = {
       "hp_name": m.hp_name, "grid": list(m.grid), "note": m.note, "tunes_lr": m.tunes_lr,
     }
-    if missing:
-      entry["status"] = f"missing: {missing}"
-      log(f"[skip] {m.name}: {missing}")
-      out[m.name] = entry
-      continue
     ctx = methods_lib.Context(steps=protocol.steps, base_lr=base_lr, head=protocol.head,
                               order=order, depths=depths)
     entry["base_lr"] = None if m.tunes_lr else base_lr
@@ -78,7 +72,7 @@ def run_methods(
         template=template,
       )
       metrics = evaluate(run.params)
-    except Exception as e:  # a broken peer module must not stop the benchmark
+    except Exception as e:  # a failing method must not stop the benchmark
       entry["status"] = f"error: {e.__class__.__name__}: {e}"
       entry["traceback"] = traceback.format_exc(limit=6)
       log(f"[error] {m.name}: {e.__class__.__name__}: {e}")

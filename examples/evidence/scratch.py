@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import dualopt_jax as dj
+
 from . import data as data_lib
 from . import language, models, runner, stats, train
 from . import methods as methods_lib
@@ -58,10 +60,9 @@ def _adamw(ctx: methods_lib.Context, hp: Any) -> optax.GradientTransformation:
 
 def _variant(profile: str, power: float, follows: bool):
   def build(ctx: methods_lib.Context, hp: Any) -> optax.GradientTransformation:
-    dualopt = methods_lib._import("_dualopt:dualopt")
-    return dualopt(methods_lib.cosine(ctx.base_lr, ctx.steps), mode="scratch", weight_decay=hp,
-                   decay_profile=profile, power=power, decay_follows_lr=follows,
-                   peak_learning_rate=ctx.base_lr)
+    return dj.dualopt(methods_lib.cosine(ctx.base_lr, ctx.steps), mode="scratch", weight_decay=hp,
+                      decay_profile=profile, power=power, decay_follows_lr=follows,
+                      peak_learning_rate=ctx.base_lr)
 
   return build
 
@@ -76,7 +77,6 @@ def scratch_methods() -> list[methods_lib.Method]:
   for name, profile, power, follows in VARIANTS:
     out.append(methods_lib.Method(
       name, "decay_per_step", DECAY_GRID, _variant(profile, power, follows),
-      requires=("_dualopt:dualopt",),
       note=f"dualopt(mode='scratch', decay_profile={profile!r}, power={power:g}, "
            f"decay_follows_lr={follows})"))
   return out

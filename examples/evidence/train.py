@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dualopt_jax import _depths, _paths
+import dualopt_jax as dj
 
 TxFactory = Callable[[Any], optax.GradientTransformation]
 
@@ -62,16 +62,34 @@ class GridRun:
   final_loss: np.ndarray  # (H, S) mean training loss over the last chunk
 
 
+def path_keys(key_path: Any) -> tuple:
+  """A ``jax.tree_util`` key path as a tuple of str/int keys: ``('backbone', 'Conv_0', 'bias')``."""
+  out: list[str | int] = []
+  for key in key_path:
+    if isinstance(key, jax.tree_util.DictKey):
+      out.append(key.key if isinstance(key.key, int) else str(key.key))
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      out.append(key.idx)
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      out.append(key.name)
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      out.append(key.key)
+    else:
+      out.append(str(key))
+  return tuple(out)
+
+
 def drift_groups(
   params: Any, group_of: Callable[[tuple], str]
 ) -> tuple[list[str], list[list[int]]]:
   """Group names input to output (by depth), and per group its leaves' indices in jax.tree order."""
-  depths = {p: float(np.min(d)) for p, d in _depths.depth_table(params).items()}
-  flat_paths = [p for p, _ in _paths.leaves_with_paths(params)]
+  flat_depths, _ = jax.tree_util.tree_flatten_with_path(dj.layer_depths(params))
+  depths = {path_keys(kp): float(np.min(d)) for kp, d in flat_depths}
+  flat_paths = [path_keys(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   first: dict[str, tuple[float, str]] = {}
   for p in flat_paths:
     g = group_of(p)
-    first[g] = min(first.get(g, (np.inf, "")), (depths[p], _paths.path_str(p)))
+    first[g] = min(first.get(g, (np.inf, "")), (depths[p], "/".join(map(str, p))))
   names = sorted(first, key=lambda g: first[g])
   members = [[i for i, p in enumerate(flat_paths) if group_of(p) == g] for g in names]
   return names, members
