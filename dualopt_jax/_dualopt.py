@@ -147,7 +147,9 @@ def dualopt(
       rollback or decay, and not counted in the depth profile.
     optimizer: ``"adam"`` or ``"sgd"`` (heavy-ball momentum, the 2023 OLOR SGD
       form).
-    b1, b2, eps: Adam's parameters.
+    b1: Adam's decay rate of the first moment.
+    b2: Adam's decay rate of the second moment.
+    eps: Adam's term added to the denominator.
     momentum: SGD's momentum.
     anchor_dtype: store the anchor at this dtype (e.g. ``jnp.bfloat16``).
     peak_learning_rate: the peak of a learning-rate schedule, to scale the
@@ -243,7 +245,9 @@ def olor(
     back_level_max: :math:`\kappa_{max}`, for the first tensor.
     back_level_min: :math:`\kappa_{min}`, for the last tensor.
     back_pow: :math:`\gamma`.
-    b1, b2, eps: Adam's parameters.
+    b1: Adam's decay rate of the first moment.
+    b2: Adam's decay rate of the second moment.
+    eps: Adam's term added to the denominator.
     optimizer: ``"adam"`` (AdamB) or ``"sgd"``.
     momentum: SGD's momentum.
     head: parameters excluded from the rollback (plain optimizer step).

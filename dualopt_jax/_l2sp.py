@@ -204,9 +204,16 @@ def l2sp(
 
   Args:
     learning_rate: scalar or Optax schedule.
-    alpha, beta, params0, decay_to_zero, mask, anchor_dtype: see :func:`add_l2sp_gradient`.
+    alpha: strength toward the anchor (see :func:`add_l2sp_gradient`).
+    beta: strength toward 0 of the ``decay_to_zero`` leaves.
+    params0: the anchor; ``None`` copies the params given to ``init``.
+    decay_to_zero: the leaves decayed toward 0 instead (see :func:`add_l2sp_gradient`).
+    mask: which leaves get any penalty (see :func:`add_l2sp_gradient`).
+    anchor_dtype: store the anchor at this dtype.
     coupled: where the penalty enters (see above).
-    b1, b2, eps: Adam's hyper-parameters.
+    b1: Adam's decay rate of the first moment.
+    b2: Adam's decay rate of the second moment.
+    eps: Adam's term added to the denominator.
 
   Returns:
     An ``optax.GradientTransformation``.

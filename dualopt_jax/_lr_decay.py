@@ -121,7 +121,9 @@ def layerwise_lr_decay(
     depths: ``None`` (from ``layer_depths``), or depths in [0, 1] as a pytree
       over the params or a ``params -> pytree`` callable.
     num_layers: :math:`L`; see :func:`lr_decay_exponents` for when it matters.
-    granularity, order, stacked: passed to ``layer_depths``.
+    granularity: ``"block"`` or ``"tensor"``, as in ``layer_depths``.
+    order: the forward order or glob patterns, as in ``layer_depths``.
+    stacked: the stacked-layer subtrees, as in ``layer_depths``.
     mask: which leaves to scale (pytree of bools, callable or glob patterns);
       the others keep the full learning rate. Depths are still computed from
       every leaf.
@@ -228,9 +230,14 @@ def layerwise_lr_decay_adamw(
     weight_decay_mask: which leaves get weight decay (as ``optax.adamw``'s
       ``mask``; BEiT excludes biases, norms and embeddings), also glob
       patterns.
-    depths, num_layers, granularity, order, stacked: see
-      :func:`layerwise_lr_decay`.
-    b1, b2, eps: Adam's parameters.
+    depths: see :func:`layerwise_lr_decay`.
+    num_layers: see :func:`layerwise_lr_decay`.
+    granularity: see :func:`layerwise_lr_decay`.
+    order: see :func:`layerwise_lr_decay`.
+    stacked: see :func:`layerwise_lr_decay`.
+    b1: Adam's decay rate of the first moment.
+    b2: Adam's decay rate of the second moment.
+    eps: Adam's term added to the denominator.
 
   Returns:
     An ``optax.GradientTransformation``.

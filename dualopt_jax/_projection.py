@@ -1,5 +1,4 @@
-"""Projection of the weights onto a ball around the anchor (the optimizer-side TPGM/FTP step).
-"""
+"""Projection of the weights onto a ball around the anchor (the optimizer-side TPGM/FTP step)."""
 
 from __future__ import annotations
 

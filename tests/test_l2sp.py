@@ -152,7 +152,8 @@ def test_mask_excludes_leaves() -> None:
     (add_l2sp_gradient, {"alpha": -1.0}, "alpha must be >= 0"),
     (decay_to_anchor, {"alpha": 0.1, "beta": -1.0}, "beta must be >= 0"),
     (add_l2sp_gradient, {"alpha": 0.1, "params0": {"w": jnp.ones(2, jnp.bfloat16)}}, "'w'.*dtype"),
-    (decay_to_anchor, {"alpha": 0.1, "decay_to_zero": ["nope"], "params0": {"x": jnp.ones(2)}}, "'w'"),
+    (decay_to_anchor, {"alpha": 0.1, "decay_to_zero": ["nope"], "params0": {"x": jnp.ones(2)}},
+     "'w'"),
   ],
 )
 def test_bad_input_is_rejected(factory, kwargs: dict, match: str) -> None:

@@ -137,9 +137,10 @@ def _not_head(head: str | None) -> Any:
 
 def _l2sp(coupled: bool) -> Callable[[Context, Any], optax.GradientTransformation]:
   def build(ctx: Context, hp: Any) -> optax.GradientTransformation:
-    # beta = 0: the new head is not penalised (the reference repo's L2-SP baseline).
+    # The new head stores no anchor and, with beta = 0, is not penalised (the reference repo's
+    # L2-SP baseline).
     return dj.l2sp(cosine(ctx.base_lr, ctx.steps), alpha=hp, beta=0.0, coupled=coupled,
-                   head=ctx.head)
+                   decay_to_zero=ctx.head)
 
   return build
 
