@@ -78,9 +78,8 @@ def fix_norm(
     classifier_per: ``"tensor"`` or ``"channel"`` (one norm per class) for the
       classifier.
     channel_axis: the output-channel axis (``None``: -1, Flax kernels).
-    stacked: the subtrees that stack layers on axis 0, as in ``layer_depths``:
-      ``None`` detects them, glob patterns name them, ``()`` means none.
-      Their norms are per layer.
+    stacked: stacked-layer subtrees (``None``: detected; see the glossary);
+      their norms are per layer.
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`FixNormState`.

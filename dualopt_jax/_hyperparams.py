@@ -51,24 +51,22 @@ def state_value(spec: ScalarOrSchedule, count: chex.Array, *, name: str) -> chex
   return jnp.asarray(value_at(spec, count, name=name), jnp.float32)
 
 
+def _known(value: Any) -> np.ndarray | None:
+  """The value of a non-schedule hyper-parameter if it is known now."""
+  return None if callable(value) else concrete(value)
+
+
 def check_at_least(value: Any, low: float, *, name: str, strict: bool = False) -> None:
   """Raises when a known (non-schedule) ``value`` is below ``low`` (or at it, if ``strict``)."""
-  if callable(value):
-    return
-  v = concrete(value)
-  if v is None:
-    return
-  bad = np.any(v <= low) if strict else np.any(v < low)
-  if bad:
+  v = _known(value)
+  if v is not None and (np.any(v <= low) if strict else np.any(v < low)):
     raise ValueError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value!r}.")
 
 
 def check_in_range(value: Any, low: float, high: float, *, name: str, low_open: bool = False,
                    why: str = "") -> None:
   """Raises when a known ``value`` leaves ``[low, high]`` (``(low, high]`` if ``low_open``)."""
-  if callable(value):
-    return
-  v = concrete(value)
+  v = _known(value)
   if v is None:
     return
   below = np.any(v <= low) if low_open else np.any(v < low)

@@ -87,22 +87,29 @@ _ARGS_DOC = """
 """
 
 
-def add_l2sp_gradient(
-  alpha: ScalarOrSchedule,
-  beta: ScalarOrSchedule = 0.0,
-  *,
-  params0: optax.Params | None = None,
-  decay_to_zero: Any = None,
-  mask: Any = None,
-  anchor_dtype: Any = None,
-) -> optax.GradientTransformation:
-  return _l2sp_term(
-    alpha, beta, params0=params0, decay_to_zero=decay_to_zero, mask=mask, anchor_dtype=anchor_dtype,
-    name="add_l2sp_gradient",
-  )
+def _l2sp_factory(name: str, doc: str) -> Any:
+  """The public factory ``name``: both L2-SP placements share one signature."""
+
+  def factory(
+    alpha: ScalarOrSchedule,
+    beta: ScalarOrSchedule = 0.0,
+    *,
+    params0: optax.Params | None = None,
+    decay_to_zero: Any = None,
+    mask: Any = None,
+    anchor_dtype: Any = None,
+  ) -> optax.GradientTransformation:
+    return _l2sp_term(
+      alpha, beta, params0=params0, decay_to_zero=decay_to_zero, mask=mask,
+      anchor_dtype=anchor_dtype, name=name,
+    )
+
+  factory.__name__ = factory.__qualname__ = name
+  factory.__doc__ = doc
+  return factory
 
 
-add_l2sp_gradient.__doc__ = r"""Coupled L2-SP: adds the penalty's gradient to the raw gradient.
+_ADD_GRADIENT_DOC = r"""Coupled L2-SP: adds the penalty's gradient to the raw gradient.
 
   Place it *before* the preconditioner (first in the chain), where it acts
   exactly like the loss term
@@ -135,22 +142,10 @@ add_l2sp_gradient.__doc__ = r"""Coupled L2-SP: adds the penalty's gradient to th
 """
 
 
-def decay_to_anchor(
-  alpha: ScalarOrSchedule,
-  beta: ScalarOrSchedule = 0.0,
-  *,
-  params0: optax.Params | None = None,
-  decay_to_zero: Any = None,
-  mask: Any = None,
-  anchor_dtype: Any = None,
-) -> optax.GradientTransformation:
-  return _l2sp_term(
-    alpha, beta, params0=params0, decay_to_zero=decay_to_zero, mask=mask, anchor_dtype=anchor_dtype,
-    name="decay_to_anchor",
-  )
+add_l2sp_gradient = _l2sp_factory("add_l2sp_gradient", _ADD_GRADIENT_DOC)
 
 
-decay_to_anchor.__doc__ = r"""Decoupled L2-SP: decay toward the anchor, as AdamW's decay toward 0.
+_DECAY_DOC = r"""Decoupled L2-SP: decay toward the anchor, as AdamW's decay toward 0.
 
   Adds :math:`\alpha(\theta - \theta_0)` (``decay_to_zero`` leaves: :math:`\beta\theta`)
   to the *preconditioned* update. Place it between the preconditioner and
@@ -183,6 +178,9 @@ decay_to_anchor.__doc__ = r"""Decoupled L2-SP: decay toward the anchor, as AdamW
 """
 
 
+decay_to_anchor = _l2sp_factory("decay_to_anchor", _DECAY_DOC)
+
+
 def l2sp(
   learning_rate: ScalarOrSchedule,
   *,
@@ -211,9 +209,9 @@ def l2sp(
     mask: which leaves get any penalty (see :func:`add_l2sp_gradient`).
     anchor_dtype: store the anchor at this dtype.
     coupled: where the penalty enters (see above).
-    b1: Adam's decay rate of the first moment.
-    b2: Adam's decay rate of the second moment.
-    eps: Adam's term added to the denominator.
+    b1: as in ``optax.scale_by_adam``.
+    b2: as in ``optax.scale_by_adam``.
+    eps: as in ``optax.scale_by_adam``.
 
   Returns:
     An ``optax.GradientTransformation``.

@@ -267,6 +267,17 @@ def layer_multipliers(spec: Any, state: LayerScaleState, updates: Any, *, name: 
   return _paths.map_with_path(lambda p, _u: stored[key(p)], updates)
 
 
+def at_step(
+  value: Any, layer_scale: Any, state: Any, updates: Any, *, name: str, label: str
+) -> tuple[Any, Any]:
+  """What an update applies: ``value`` (a schedule) at ``state.count``, and per-leaf multipliers.
+
+  ``state`` has ``count`` and ``layer_scale`` (a :class:`LayerScaleState`).
+  """
+  current = _hyperparams.value_at(value, state.count, name=f"{name}: {label}")
+  return current, layer_multipliers(layer_scale, state.layer_scale, updates, name=name)
+
+
 def refreshed(spec: Any, state: LayerScaleState) -> LayerScaleState:
   """``state`` with the numbers ``spec`` has now (what the next update will use)."""
   return _numbers_state(spec, state.per_leaf)

@@ -83,9 +83,8 @@ def project_to_anchor(
     channel_axis: the output-row axis for ``norm="mars"`` (``None``: -1, the
       Flax layout). Static: under ``optax.inject_hyperparams`` list it in
       ``static_args`` if you pass it.
-    stacked: the subtrees that stack layers on axis 0, as in ``layer_depths``:
-      ``None`` detects them, glob patterns name them, ``()`` means none.
-      Their norms and radii are per layer.
+    stacked: stacked-layer subtrees (``None``: detected; see the glossary);
+      their norms and radii are per layer.
     anchor_dtype: store the anchor at this dtype (e.g. ``jnp.bfloat16``).
 
   Returns:
@@ -139,9 +138,8 @@ def project_to_anchor(
   def update_fn(updates, state: ProjectionState, params=None):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
-    g = _hyperparams.value_at(global_radius, state.count, name="project_to_anchor: radius")
-    scales = _profile.layer_multipliers(
-      layer_scale, state.layer_scale, updates, name="project_to_anchor"
+    g, scales = _profile.at_step(
+      global_radius, layer_scale, state, updates, name="project_to_anchor", label="radius"
     )
     flags = _norms.stacked_flags(stacked, updates)
 

@@ -74,6 +74,16 @@ def _pull_toward(u: chex.Array, p: chex.Array, a: chex.Array | None, lam: Any) -
   return out if out.dtype == u.dtype else out.astype(u.dtype)
 
 
+def _pull_all(updates: Any, params: Any, scales: Any, rate_t: Any, anchor: Any = None) -> Any:
+  """``_pull_toward`` on every leaf (toward ``anchor``, or 0); MaskedNodes pass through."""
+
+  def one(u: Any, p: Any, s: Any, *a: Any) -> Any:
+    return u if _paths.is_masked_node(u) else _pull_toward(u, p, a[0] if a else None, rate_t * s)
+
+  rest = () if anchor is None else (anchor,)
+  return jax.tree.map(one, updates, params, scales, *rest, is_leaf=_paths.is_masked_node)
+
+
 def rollback_to(
   params0: optax.Params | None = None,
   *,
@@ -143,18 +153,10 @@ def rollback_to(
   def update_fn(updates, state: RollbackState, params=None):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
-    rate_t = _hyperparams.value_at(rate, state.count, name="rollback_to: rate")
-    scales = _profile.layer_multipliers(
-      layer_scale, state.layer_scale, updates, name="rollback_to"
+    rate_t, scales = _profile.at_step(
+      rate, layer_scale, state, updates, name="rollback_to", label="rate"
     )
-    new_updates = jax.tree.map(
-      lambda u, p, a, s: u if _paths.is_masked_node(u) else _pull_toward(u, p, a, rate_t * s),
-      updates,
-      params,
-      state.anchor,
-      scales,
-      is_leaf=_paths.is_masked_node,
-    )
+    new_updates = _pull_all(updates, params, scales, rate_t, state.anchor)
     count = optax.safe_increment(state.count)
     new_state = RollbackState(
       count, state.anchor, _profile.refreshed(layer_scale, state.layer_scale),
@@ -220,17 +222,10 @@ def layerwise_decay(
   def update_fn(updates, state: LayerwiseDecayState, params=None):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
-    rate_t = _hyperparams.value_at(rate, state.count, name="layerwise_decay: rate")
-    scales = _profile.layer_multipliers(
-      layer_scale, state.layer_scale, updates, name="layerwise_decay"
+    rate_t, scales = _profile.at_step(
+      rate, layer_scale, state, updates, name="layerwise_decay", label="rate"
     )
-    new_updates = jax.tree.map(
-      lambda u, p, s: u if _paths.is_masked_node(u) else _pull_toward(u, p, None, rate_t * s),
-      updates,
-      params,
-      scales,
-      is_leaf=_paths.is_masked_node,
-    )
+    new_updates = _pull_all(updates, params, scales, rate_t)
     count = optax.safe_increment(state.count)
     new_state = LayerwiseDecayState(
       count, _profile.refreshed(layer_scale, state.layer_scale),

@@ -72,10 +72,9 @@ def spd(
       leaf, the mode for adapters such as LoRA, whose pre-trained value is 0);
       they store no anchor. To leave a new head alone, exclude it with
       ``mask``.
-    stacked: the subtrees that stack layers on axis 0, as in ``layer_depths``:
-      ``None`` detects them, glob patterns name them, ``()`` means none. The
-      gate and the norms are then computed per layer.
-    anchor_dtype: store the anchor at this dtype (e.g. ``jnp.bfloat16``).
+    stacked: stacked-layer subtrees (``None``: detected; see the glossary);
+      their gates and norms are per layer.
+    anchor_dtype: the dtype the anchor is kept at (``None``: the params').
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`SPDState`.
