@@ -51,14 +51,21 @@ def state_value(spec: ScalarOrSchedule, count: chex.Array, *, name: str) -> chex
   return jnp.asarray(value_at(spec, count, name=name), jnp.float32)
 
 
-def _known(value: Any) -> np.ndarray | None:
-  """The value of a non-schedule hyper-parameter if it is known now."""
-  return None if callable(value) else concrete(value)
+def _known(value: Any, name: str) -> np.ndarray | None:
+  """The value of a non-schedule hyper-parameter if it is known now; refuses non-numbers and NaN."""
+  if callable(value):
+    return None
+  if isinstance(value, (str, bytes)):
+    raise ValueError(f"{name} must be a number or a schedule, got the string {value!r}.")
+  v = concrete(value)
+  if v is not None and not np.all(np.isfinite(v)):
+    raise ValueError(f"{name} must be a finite number, got {value!r}.")
+  return v
 
 
 def check_at_least(value: Any, low: float, *, name: str, strict: bool = False) -> None:
   """Raises when a known (non-schedule) ``value`` is below ``low`` (or at it, if ``strict``)."""
-  v = _known(value)
+  v = _known(value, name)
   if v is not None and (np.any(v <= low) if strict else np.any(v < low)):
     raise ValueError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value!r}.")
 
@@ -66,7 +73,7 @@ def check_at_least(value: Any, low: float, *, name: str, strict: bool = False) -
 def check_in_range(value: Any, low: float, high: float, *, name: str, low_open: bool = False,
                    why: str = "") -> None:
   """Raises when a known ``value`` leaves ``[low, high]`` (``(low, high]`` if ``low_open``)."""
-  v = _known(value)
+  v = _known(value, name)
   if v is None:
     return
   below = np.any(v <= low) if low_open else np.any(v < low)
@@ -82,7 +89,7 @@ def check_fraction_range(rate: Any, layer_scale: Any, *, name: str) -> None:
   )
   if callable(rate) or callable(layer_scale) or not is_scalar_like(layer_scale):
     return
-  rate_value, scale_value = concrete(rate), concrete(layer_scale)
+  rate_value, scale_value = concrete(rate), _known(layer_scale, f"{name}: layer_scale")
   if rate_value is None or scale_value is None:
     return
   lam = rate_value * scale_value

@@ -59,12 +59,16 @@ def check_nonnegative(tree: Any, *, name: str) -> None:
       raise ValueError(f"{name} for '{_paths.path_str(path)}' must be >= 0, got {value!r}.")
 
 
-def split_global(spec: Any) -> tuple[Any, Any]:
+def split_global(spec: Any, *, name: str) -> tuple[Any, Any]:
   """``(global value or schedule, per-leaf factor)`` of a hyper-parameter such as a radius.
 
   A scalar or a callable (a schedule of the step count) is global, the same
   for every leaf; a pytree or a ``LayerProfile`` is per leaf.
   """
+  if isinstance(spec, (str, bytes)):
+    raise ValueError(
+      f"{name} must be a number, a schedule, a pytree or a LayerProfile, got the string {spec!r}."
+    )
   if callable(spec) or _hyperparams.is_scalar_like(spec):
     return spec, 1.0
   return 1.0, spec

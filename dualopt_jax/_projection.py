@@ -107,9 +107,8 @@ def project_to_anchor(
   """
   if norm not in _NORMS:
     raise ValueError(f"project_to_anchor: norm must be one of {_NORMS}, got {norm!r}.")
-  global_radius, leaf_radius = _per_leaf.split_global(radius)
-  if not callable(global_radius):
-    _per_leaf.check_nonnegative(global_radius, name="radius")
+  global_radius, leaf_radius = _per_leaf.split_global(radius, name="project_to_anchor: radius")
+  _hyperparams.check_at_least(global_radius, 0.0, name="project_to_anchor: radius")
   if _profile.is_per_leaf(leaf_radius):
     if _profile.is_per_leaf(layer_scale) or not np.all(np.asarray(layer_scale) == 1):
       raise ValueError(
