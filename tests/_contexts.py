@@ -21,6 +21,12 @@ test runs (``tests/test_contract.py``; other modules may reuse it):
 Comparisons are exact where the same compiled arithmetic runs on the same numbers, and
 ``assert_allclose(rtol=1e-6, atol=1e-7)`` (float32) where the program differs (another wrapper,
 eager NNX updates, another summation order under sharding).
+
+The last part holds the models and contexts other test modules share (no test module imports
+another): the ecosystem matrix :func:`check_context` over :data:`ECOSYSTEM_CONTEXTS` (the
+peer-method tests: projection, fix_norm, L2-SP, lr decay, SPD), the ViT-shaped Linen model
+(drift, lr decay), the three-block params tree (describe, drift) and the 8-device MLP (data
+parallel, sharding).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -47,8 +54,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from flax.training import train_state
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import dualopt_jax as dj
+from dualopt_jax import _paths
+from dualopt_jax._sharding import init_sharded
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -814,3 +825,237 @@ class FreshProcess:
     assert_same_tree(got["params"], {_show(k): v for k, v in flat(want.params).items()},
                      exact=True)
     assert_rows_equal(got["rows"], describe_rows(want.state), exact=True)
+
+
+# --- shared by other test modules: the ecosystem matrix -------------------------------------------
+# check_context runs one transformation in each of ECOSYSTEM_CONTEXTS and compares it with a plain
+# run (tests/test_projection.py, test_fixnorm.py, test_l2sp.py, test_lr_decay.py, test_spd.py).
+
+ECOSYSTEM_CONTEXTS = (
+  "inject_hyperparams", "multisteps", "masked", "nnx", "trainstate", "bf16", "sharded"
+)
+
+
+def model_params(dtype: Any = jnp.float32) -> dict[str, Any]:
+  """A small transformer-shaped tree in definition order (embed, 2 blocks, head)."""
+  rng = np.random.default_rng(0)
+  shapes = {
+    "embed": {"embedding": (8, 4)},
+    "layers_0": {"kernel": (4, 8), "bias": (8,)},
+    "layers_1": {"kernel": (8, 8), "bias": (8,)},
+    "head": {"kernel": (8, 8), "bias": (8,)},
+  }
+  return {
+    mod: {k: jnp.asarray(rng.normal(size=s) * 0.5, dtype) for k, s in leaves.items()}
+    for mod, leaves in shapes.items()
+  }
+
+
+def grads_at(step: int, params: Any) -> Any:
+  """Deterministic gradients that depend on the params (so gates open and close)."""
+  sign = 1.0 if step % 3 else -1.0
+  return jax.tree.map(
+    lambda p: (sign * jnp.sin(3.0 * p.astype(jnp.float32) + step) + 0.05 * step).astype(p.dtype),
+    params,
+  )
+
+
+def run_plain(tx: optax.GradientTransformation, params: Any, steps: int = 4) -> tuple[Any, Any]:
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for i in range(steps):
+    params, state = step(params, state, grads_at(i, params))
+  return params, state
+
+
+def _close(a: Any, b: Any, **tol: float) -> None:
+  for (path, x), (_, y) in zip(
+    _paths.leaves_with_paths(a), _paths.leaves_with_paths(b), strict=True
+  ):
+    np.testing.assert_allclose(
+      np.asarray(x, np.float32), np.asarray(y, np.float32), err_msg=_paths.path_str(path), **tol
+    )
+
+
+class _Holder(nnx.Module):
+  def __init__(self, tree: dict[str, Any]):
+    for key, value in tree.items():
+      setattr(self, key, _Holder(value) if isinstance(value, dict) else nnx.Param(value))
+
+
+def _shard_spec(shape: tuple[int, ...], n: int) -> PartitionSpec:
+  for axis, size in enumerate(shape):
+    if size % n == 0:
+      return PartitionSpec(*([None] * axis), "d")
+  return PartitionSpec()
+
+
+def check_context(
+  context: str,
+  factory: Callable[..., optax.GradientTransformation],
+  hyper: dict[str, Any],
+  *,
+  static: dict[str, Any] | None = None,
+  wrap: Callable[[optax.GradientTransformation], optax.GradientTransformation] = (
+    lambda t: optax.chain(optax.adam(1e-2), t)
+  ),
+  params: Any = None,
+) -> None:
+  """Runs ``wrap(factory(**hyper, **static))`` in ``context`` and compares with a plain run."""
+  static = static or {}
+  params = model_params() if params is None else params
+  make = lambda: wrap(factory(**hyper, **static))
+  want, _ = run_plain(make(), params)
+  if context == "inject_hyperparams":
+    injected = optax.inject_hyperparams(factory, static_args=tuple(static))(**hyper, **static)
+    got, state = run_plain(wrap(injected), params)
+    _close(got, want, rtol=1e-6, atol=1e-6)
+  elif context == "multisteps":
+    tx = optax.MultiSteps(make(), every_k_schedule=2)
+    state, p = tx.init(params), params
+    step = jax.jit(tx.update)
+    for i in range(8):  # 4 outer steps, each the mean of the gradients at 2i and 2i+1
+      updates, state = step(grads_at(2 * (i // 2) + i % 2, p), state, p)
+      p = optax.apply_updates(p, updates)
+    plain, s = make(), None
+    s, q = plain.init(params), params
+    for i in range(4):
+      g = jax.tree.map(lambda a, b: (a + b) / 2, grads_at(2 * i, q), grads_at(2 * i + 1, q))
+      updates, s = jax.jit(plain.update)(g, s, q)
+      q = optax.apply_updates(q, updates)
+    _close(p, q, rtol=2e-5, atol=2e-6)
+  elif context == "masked":
+    is_body = lambda tree: _paths.map_with_path(lambda path, _x: path[0] != "head", tree)
+    got, _ = run_plain(wrap(optax.masked(factory(**hyper, **static), is_body)), params)
+    bare, _ = run_plain(wrap(optax.masked(optax.identity(), is_body)), params)
+    _close(got["head"], bare["head"], rtol=1e-6, atol=1e-7)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(got))
+  elif context == "nnx":
+    model = _Holder(params)
+    opt = nnx.Optimizer(model, make(), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, grads):
+      opt.update(model, grads)
+
+    for i in range(4):
+      current = nnx.state(model, nnx.Param)
+      grads = grads_at(i, nnx.to_pure_dict(current))
+      grad_state = nnx.state(model, nnx.Param)
+      nnx.replace_by_pure_dict(grad_state, grads)
+      step(model, opt, grad_state)
+    _close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), want, rtol=1e-5, atol=1e-6)
+  elif context == "trainstate":
+    ts = train_state.TrainState.create(apply_fn=lambda *a: None, params=params, tx=make())
+    apply = jax.jit(lambda ts, g: ts.apply_gradients(grads=g))
+    for i in range(4):
+      ts = apply(ts, grads_at(i, ts.params))
+    _close(ts.params, want, rtol=1e-6, atol=1e-6)
+  elif context == "bf16":
+    bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    got, _ = run_plain(make(), bf)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got))
+    _close(got, want, rtol=0.1, atol=0.05)
+  elif context == "sharded":
+    n = jax.device_count()
+    assert n == 8, "tests/conftest.py sets 8 CPU devices"
+    mesh = jax.make_mesh((n,), ("d",))
+    shardings = jax.tree.map(lambda x: NamedSharding(mesh, _shard_spec(x.shape, n)), params)
+    sp = jax.device_put(params, shardings)
+    tx = make()
+    state = init_sharded(tx, sp)
+    by_shape = {tuple(x.shape): s for x, s in zip(
+      jax.tree.leaves(sp), jax.tree.leaves(shardings), strict=True)}
+    sharded_leaves = 0
+    for leaf in jax.tree.leaves(state):
+      if tuple(leaf.shape) in by_shape and leaf.ndim >= 1:
+        assert leaf.sharding.is_equivalent_to(by_shape[tuple(leaf.shape)], leaf.ndim)
+        sharded_leaves += 1
+    assert sharded_leaves >= len(jax.tree.leaves(params))  # at least Adam's moments
+    step = jax.jit(lambda p, s, g: (lambda u, s2: (optax.apply_updates(p, u), s2))(
+      *tx.update(g, s, p)))
+    for i in range(4):
+      sp, state = step(sp, state, grads_at(i, sp))
+    for leaf, sh in zip(jax.tree.leaves(sp), jax.tree.leaves(shardings), strict=True):
+      assert leaf.sharding.is_equivalent_to(sh, leaf.ndim)
+    _close(sp, want, rtol=1e-5, atol=1e-6)
+  else:  # pragma: no cover
+    raise AssertionError(context)
+
+
+# --- shared by other test modules: a ViT-shaped Linen model (test_drift, test_lr_decay) ----------
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + nn.Dense(4)(nn.LayerNorm()(x))
+
+
+class ViT(nn.Module):
+  """``patch_embed``, ``pos_embed`` (if asked for), ``Block_0`` .. ``Block_{n-1}``, ``norm``,
+  ``head``."""
+
+  num_blocks: int
+  pos_embed: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(4, name="patch_embed")(x)
+    if self.pos_embed:
+      x = x + self.param("pos_embed", nn.initializers.normal(0.02), (1, 4))
+    for i in range(self.num_blocks):
+      x = Block(name=f"Block_{i}")(x)
+    x = nn.LayerNorm(name="norm")(x)
+    return nn.Dense(3, name="head")(x)
+
+
+# --- shared by other test modules: three numbered blocks and a head (test_describe, test_drift) --
+
+PEAK = 1e-2
+DEPTH = {"Dense_0": 0.0, "Dense_1": 0.5, "Dense_2": 1.0}  # three numbered blocks; head excluded
+
+
+def make_params():
+  """Three numbered blocks and a head; biases non-zero so that decay acts on every leaf."""
+  shapes = {"Dense_0": (3, 4), "Dense_1": (4, 4), "Dense_2": (4, 4), "head": (4, 2)}
+  keys = jax.random.split(jax.random.key(0), len(shapes))
+  return {
+    name: {"kernel": jax.random.normal(k, shape), "bias": jnp.linspace(0.5, 1.0, shape[1])}
+    for k, (name, shape) in zip(keys, shapes.items(), strict=True)
+  }
+
+
+def schedule(count):
+  return optax.warmup_cosine_decay_schedule(2e-3, PEAK, 3, 8, 1e-3)(count)
+
+
+# --- shared by other test modules: an MLP on 8 devices (test_data_parallel, test_sharding) --------
+
+N_DEV = 8
+
+
+class MLP(nn.Module):
+  """Every dimension divisible by 8, so every tensor can be split over 8 devices."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.tanh(nn.Dense(32)(x))
+    x = nn.tanh(nn.Dense(32)(x))
+    return nn.Dense(8)(x)
+
+
+def mlp_loss(params, x, y):
+  logits = MLP().apply({"params": params}, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def data_mesh(axis_type=AxisType.Auto):
+  """The 8-device mesh with one axis, ``"data"``."""
+  assert jax.device_count() == N_DEV, "tests/conftest.py must give 8 CPU devices"
+  return jax.make_mesh((N_DEV,), ("data",), axis_types=(axis_type,))

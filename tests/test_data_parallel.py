@@ -17,30 +17,23 @@ batch summed at once), which differs by the summation order of the gradient
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dualopt_jax._dualopt import dualopt
 from dualopt_jax._sharding import fsdp_shardings, init_sharded, state_shardings
 from dualopt_jax._spd import spd
+from tests._contexts import MLP, N_DEV
+from tests._contexts import data_mesh as _mesh
+from tests._contexts import mlp_loss as _loss
 
-N_DEV = 8
 PER_DEV = 8
 STEPS = 10
-
-
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.tanh(nn.Dense(32)(x))
-    x = nn.tanh(nn.Dense(32)(x))
-    return nn.Dense(8)(x)
 
 
 MODEL = MLP()
@@ -50,11 +43,6 @@ TXS = {
   "scratch": lambda: dualopt(1e-2, mode="scratch", weight_decay=1e-2),
   "spd": lambda: spd(optax.adam(1e-2), strength=0.5),
 }
-
-
-def _loss(params, x, y):
-  logits = MODEL.apply({"params": params}, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 def _data():
@@ -107,11 +95,6 @@ def single_plain(tx, params, x, y):
   step = jax.jit(lambda p, s, x, y: _apply(tx, jax.grad(_loss)(p, x, y), s, p))
   p = jax.device_put(params, dev)
   return _run(step, p, tx.init(p), jax.device_put(x, dev), jax.device_put(y, dev))
-
-
-def _mesh():
-  assert jax.device_count() == N_DEV
-  return jax.make_mesh((N_DEV,), ("data",), axis_types=(AxisType.Auto,))
 
 
 def _jit_mesh(tx, params, x, y, *, fsdp):

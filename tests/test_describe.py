@@ -21,25 +21,10 @@ import pytest
 from flax import nnx
 
 import dualopt_jax as dj
+from tests._contexts import DEPTH, PEAK, make_params, schedule
 
 REPO = Path(__file__).resolve().parents[1]
-PEAK = 1e-2
 BACKBONE = ("Dense_0", "Dense_1", "Dense_2")
-DEPTH = {"Dense_0": 0.0, "Dense_1": 0.5, "Dense_2": 1.0}  # three numbered blocks; head excluded
-
-
-def make_params():
-  """Three numbered blocks and a head; biases non-zero so that decay acts on every leaf."""
-  shapes = {"Dense_0": (3, 4), "Dense_1": (4, 4), "Dense_2": (4, 4), "head": (4, 2)}
-  keys = jax.random.split(jax.random.key(0), len(shapes))
-  return {
-    name: {"kernel": jax.random.normal(k, shape), "bias": jnp.linspace(0.5, 1.0, shape[1])}
-    for k, (name, shape) in zip(keys, shapes.items(), strict=True)
-  }
-
-
-def schedule(count):
-  return optax.warmup_cosine_decay_schedule(2e-3, PEAK, 3, 8, 1e-3)(count)
 
 
 def _flat(tree) -> dict[str, np.ndarray]:

@@ -6,7 +6,6 @@ checked against updates measured from real steps and closed forms, never against
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,25 +19,12 @@ from dualopt_jax._drift import drift
 from dualopt_jax._projection import project_to_anchor
 from dualopt_jax._rollback import rollback_to
 from dualopt_jax._spd import spd
-
-
-class _Block(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return x + nn.Dense(4)(nn.LayerNorm()(x))
-
-
-class _ViT(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(4, name="patch_embed")(x)
-    for i in range(11):
-      x = _Block(name=f"Block_{i}")(x)
-    return nn.Dense(3, name="head")(nn.LayerNorm(name="norm")(x))
+from tests._contexts import DEPTH, PEAK, ViT, schedule
+from tests._contexts import make_params as _params
 
 
 def _pair():
-  params0 = _ViT().init(jax.random.key(0), jnp.ones((1, 5)))["params"]
+  params0 = ViT(num_blocks=11).init(jax.random.key(0), jnp.ones((1, 5)))["params"]
   noise = jax.random.split(jax.random.key(1), len(jax.tree.leaves(params0)))
   leaves, treedef = jax.tree.flatten(params0)
   moved = [x + 0.1 * (i + 1) * jax.random.normal(k, x.shape) for i, (x, k) in
@@ -174,19 +160,7 @@ def test_nnx_optimizer_state_gives_anchor_and_strengths() -> None:
 
 # --- what the next update applies --------------------------------------------------------------
 
-PEAK = 1e-2
-DEPTH = {"Dense_0": 0.0, "Dense_1": 0.5, "Dense_2": 1.0}  # three numbered blocks; head excluded
-
-
-def _params():
-  shapes = {"Dense_0": (3, 4), "Dense_1": (4, 4), "Dense_2": (4, 4), "head": (4, 2)}
-  keys = jax.random.split(jax.random.key(0), len(shapes))
-  return {name: {"kernel": jax.random.normal(k, shape), "bias": jnp.linspace(0.5, 1.0, shape[1])}
-          for k, (name, shape) in zip(keys, shapes.items(), strict=True)}
-
-
-def schedule(count):
-  return optax.warmup_cosine_decay_schedule(2e-3, PEAK, 3, 8, 1e-3)(count)
+# PEAK, DEPTH, _params (three numbered blocks and a head) and schedule: tests/_contexts.py.
 
 
 def _away(anchor):

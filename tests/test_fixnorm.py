@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from dualopt_jax._fixnorm import fix_norm
-from tests.test_projection import CONTEXTS, check_context
+from tests._contexts import ECOSYSTEM_CONTEXTS as CONTEXTS
+from tests._contexts import check_context
 
 LR, STEPS = 0.1, 15
 

@@ -12,7 +12,8 @@ import optax
 import pytest
 
 from dualopt_jax._l2sp import add_l2sp_gradient, decay_to_anchor, l2sp
-from tests.test_projection import CONTEXTS, check_context
+from tests._contexts import ECOSYSTEM_CONTEXTS as CONTEXTS
+from tests._contexts import check_context
 
 LR, STEPS = 1e-2, 40
 SHAPES = {"body": {"w": (3, 4), "b": (4,)}, "head": {"w": (4, 2)}}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,26 +12,10 @@ import pytest
 
 from dualopt_jax import _paths
 from dualopt_jax._lr_decay import layerwise_lr_decay, layerwise_lr_decay_adamw, lr_decay_exponents
-from tests.test_projection import CONTEXTS, check_context
+from tests._contexts import ECOSYSTEM_CONTEXTS as CONTEXTS
+from tests._contexts import ViT, check_context
 
 NUM_BLOCKS = 12  # > 10, so 'Block_10' must come after 'Block_2' (jax.tree sorts it before)
-
-
-class _Block(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return x + nn.Dense(4)(nn.LayerNorm()(x))
-
-
-class _ViT(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(4, name="patch_embed")(x)
-    x = x + self.param("pos_embed", nn.initializers.normal(0.02), (1, 4))
-    for i in range(NUM_BLOCKS):
-      x = _Block(name=f"Block_{i}")(x)
-    x = nn.LayerNorm(name="norm")(x)
-    return nn.Dense(3, name="head")(x)
 
 
 def _beit_layer_id(path: str, num_layers: int) -> int:
@@ -46,7 +29,7 @@ def _beit_layer_id(path: str, num_layers: int) -> int:
 
 
 def _vit_params():
-  return _ViT().init(jax.random.key(0), jnp.ones((2, 5)))
+  return ViT(num_blocks=NUM_BLOCKS, pos_embed=True).init(jax.random.key(0), jnp.ones((2, 5)))
 
 
 def test_exponents_follow_beit_on_a_flax_vit() -> None:

@@ -1,13 +1,12 @@
 """project_to_anchor against a NumPy transcription (L2, MARS, stacked, radius specs).
 
-Also holds ``check_context``, the ecosystem matrix (inject_hyperparams,
-MultiSteps, optax.masked, nnx.Optimizer, TrainState, bf16, 8-device sharding)
-that the other peer-method test files reuse.
+The ecosystem matrix (inject_hyperparams, MultiSteps, optax.masked, nnx.Optimizer,
+TrainState, bf16, 8-device sharding), ``check_context``, lives in tests/_contexts.py
+with the other shared test contexts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,172 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
-from flax.training import train_state
-from jax.sharding import NamedSharding, PartitionSpec
 
-from dualopt_jax import _depths, _paths
+from dualopt_jax import _depths
 from dualopt_jax._projection import project_to_anchor
-from dualopt_jax._sharding import init_sharded
-
-# ----------------------------------------------------------------------------
-# Shared ecosystem matrix.
-# ----------------------------------------------------------------------------
-
-CONTEXTS = ("inject_hyperparams", "multisteps", "masked", "nnx", "trainstate", "bf16", "sharded")
-
-
-def model_params(dtype: Any = jnp.float32) -> dict[str, Any]:
-  """A small transformer-shaped tree in definition order (embed, 2 blocks, head)."""
-  rng = np.random.default_rng(0)
-  shapes = {
-    "embed": {"embedding": (8, 4)},
-    "layers_0": {"kernel": (4, 8), "bias": (8,)},
-    "layers_1": {"kernel": (8, 8), "bias": (8,)},
-    "head": {"kernel": (8, 8), "bias": (8,)},
-  }
-  return {
-    mod: {k: jnp.asarray(rng.normal(size=s) * 0.5, dtype) for k, s in leaves.items()}
-    for mod, leaves in shapes.items()
-  }
-
-
-def grads_at(step: int, params: Any) -> Any:
-  """Deterministic gradients that depend on the params (so gates open and close)."""
-  sign = 1.0 if step % 3 else -1.0
-  return jax.tree.map(
-    lambda p: (sign * jnp.sin(3.0 * p.astype(jnp.float32) + step) + 0.05 * step).astype(p.dtype),
-    params,
-  )
-
-
-def run_plain(tx: optax.GradientTransformation, params: Any, steps: int = 4) -> tuple[Any, Any]:
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  for i in range(steps):
-    params, state = step(params, state, grads_at(i, params))
-  return params, state
-
-
-def _close(a: Any, b: Any, **tol: float) -> None:
-  for (path, x), (_, y) in zip(
-    _paths.leaves_with_paths(a), _paths.leaves_with_paths(b), strict=True
-  ):
-    np.testing.assert_allclose(
-      np.asarray(x, np.float32), np.asarray(y, np.float32), err_msg=_paths.path_str(path), **tol
-    )
-
-
-class _Holder(nnx.Module):
-  def __init__(self, tree: dict[str, Any]):
-    for key, value in tree.items():
-      setattr(self, key, _Holder(value) if isinstance(value, dict) else nnx.Param(value))
-
-
-def _shard_spec(shape: tuple[int, ...], n: int) -> PartitionSpec:
-  for axis, size in enumerate(shape):
-    if size % n == 0:
-      return PartitionSpec(*([None] * axis), "d")
-  return PartitionSpec()
-
-
-def check_context(
-  context: str,
-  factory: Callable[..., optax.GradientTransformation],
-  hyper: dict[str, Any],
-  *,
-  static: dict[str, Any] | None = None,
-  wrap: Callable[[optax.GradientTransformation], optax.GradientTransformation] = (
-    lambda t: optax.chain(optax.adam(1e-2), t)
-  ),
-  params: Any = None,
-) -> None:
-  """Runs ``wrap(factory(**hyper, **static))`` in ``context`` and compares with a plain run."""
-  static = static or {}
-  params = model_params() if params is None else params
-  make = lambda: wrap(factory(**hyper, **static))
-  want, _ = run_plain(make(), params)
-  if context == "inject_hyperparams":
-    injected = optax.inject_hyperparams(factory, static_args=tuple(static))(**hyper, **static)
-    got, state = run_plain(wrap(injected), params)
-    _close(got, want, rtol=1e-6, atol=1e-6)
-  elif context == "multisteps":
-    tx = optax.MultiSteps(make(), every_k_schedule=2)
-    state, p = tx.init(params), params
-    step = jax.jit(tx.update)
-    for i in range(8):  # 4 outer steps, each the mean of the gradients at 2i and 2i+1
-      updates, state = step(grads_at(2 * (i // 2) + i % 2, p), state, p)
-      p = optax.apply_updates(p, updates)
-    plain, s = make(), None
-    s, q = plain.init(params), params
-    for i in range(4):
-      g = jax.tree.map(lambda a, b: (a + b) / 2, grads_at(2 * i, q), grads_at(2 * i + 1, q))
-      updates, s = jax.jit(plain.update)(g, s, q)
-      q = optax.apply_updates(q, updates)
-    _close(p, q, rtol=2e-5, atol=2e-6)
-  elif context == "masked":
-    is_body = lambda tree: _paths.map_with_path(lambda path, _x: path[0] != "head", tree)
-    got, _ = run_plain(wrap(optax.masked(factory(**hyper, **static), is_body)), params)
-    bare, _ = run_plain(wrap(optax.masked(optax.identity(), is_body)), params)
-    _close(got["head"], bare["head"], rtol=1e-6, atol=1e-7)
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(got))
-  elif context == "nnx":
-    model = _Holder(params)
-    opt = nnx.Optimizer(model, make(), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt, grads):
-      opt.update(model, grads)
-
-    for i in range(4):
-      current = nnx.state(model, nnx.Param)
-      grads = grads_at(i, nnx.to_pure_dict(current))
-      grad_state = nnx.state(model, nnx.Param)
-      nnx.replace_by_pure_dict(grad_state, grads)
-      step(model, opt, grad_state)
-    _close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), want, rtol=1e-5, atol=1e-6)
-  elif context == "trainstate":
-    ts = train_state.TrainState.create(apply_fn=lambda *a: None, params=params, tx=make())
-    apply = jax.jit(lambda ts, g: ts.apply_gradients(grads=g))
-    for i in range(4):
-      ts = apply(ts, grads_at(i, ts.params))
-    _close(ts.params, want, rtol=1e-6, atol=1e-6)
-  elif context == "bf16":
-    bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    got, _ = run_plain(make(), bf)
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got))
-    _close(got, want, rtol=0.1, atol=0.05)
-  elif context == "sharded":
-    n = jax.device_count()
-    assert n == 8, "tests/conftest.py sets 8 CPU devices"
-    mesh = jax.make_mesh((n,), ("d",))
-    shardings = jax.tree.map(lambda x: NamedSharding(mesh, _shard_spec(x.shape, n)), params)
-    sp = jax.device_put(params, shardings)
-    tx = make()
-    state = init_sharded(tx, sp)
-    by_shape = {tuple(x.shape): s for x, s in zip(
-      jax.tree.leaves(sp), jax.tree.leaves(shardings), strict=True)}
-    sharded_leaves = 0
-    for leaf in jax.tree.leaves(state):
-      if tuple(leaf.shape) in by_shape and leaf.ndim >= 1:
-        assert leaf.sharding.is_equivalent_to(by_shape[tuple(leaf.shape)], leaf.ndim)
-        sharded_leaves += 1
-    assert sharded_leaves >= len(jax.tree.leaves(params))  # at least Adam's moments
-    step = jax.jit(lambda p, s, g: (lambda u, s2: (optax.apply_updates(p, u), s2))(
-      *tx.update(g, s, p)))
-    for i in range(4):
-      sp, state = step(sp, state, grads_at(i, sp))
-    for leaf, sh in zip(jax.tree.leaves(sp), jax.tree.leaves(shardings), strict=True):
-      assert leaf.sharding.is_equivalent_to(sh, leaf.ndim)
-    _close(sp, want, rtol=1e-5, atol=1e-6)
-  else:  # pragma: no cover
-    raise AssertionError(context)
-
+from tests._contexts import ECOSYSTEM_CONTEXTS as CONTEXTS
+from tests._contexts import check_context, grads_at
 
 # ----------------------------------------------------------------------------
 # NumPy transcription of ALGORITHMS.md §6.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,27 +22,13 @@ from dualopt_jax._sharding import (
   state_shardings,
 )
 from dualopt_jax._spd import spd
-
-N_DEV = 8
-
-
-class MLP(nn.Module):
-  """Every dimension divisible by 8, so every tensor can be split over 8 devices."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.tanh(nn.Dense(32)(x))
-    x = nn.tanh(nn.Dense(32)(x))
-    return nn.Dense(8)(x)
+from tests._contexts import MLP, N_DEV
+from tests._contexts import data_mesh as _mesh
+from tests._contexts import mlp_loss as _loss
 
 
 def _params():
   return MLP().init(jax.random.key(0), jnp.zeros((1, 16)))["params"]
-
-
-def _loss(params, x, y):
-  logits = MLP().apply({"params": params}, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 TXS = {
@@ -59,11 +44,6 @@ TXS = {
   "dualopt(scratch)": lambda p: dualopt(1e-2, mode="scratch", weight_decay=1e-2),
   "spd(adam)": lambda p: spd(optax.adam(1e-2), strength=0.5),
 }
-
-
-def _mesh(axis_type=AxisType.Auto):
-  assert jax.device_count() == N_DEV, "tests/conftest.py must give 8 CPU devices"
-  return jax.make_mesh((N_DEV,), ("data",), axis_types=(axis_type,))
 
 
 def _bytes_on(x, device) -> int:

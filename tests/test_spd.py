@@ -11,7 +11,8 @@ import optax
 import pytest
 
 from dualopt_jax._spd import spd
-from tests.test_projection import CONTEXTS, check_context
+from tests._contexts import ECOSYSTEM_CONTEXTS as CONTEXTS
+from tests._contexts import check_context
 
 SHAPES = {"a": (4, 3), "b": (5,), "c": (2, 3, 2)}
 STEPS, LR = 300, 1e-2
