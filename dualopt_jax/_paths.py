@@ -1,4 +1,4 @@
-"""Parameter-tree paths: normalization, glob patterns, masks and per-leaf specs.
+"""Parameter-tree paths: normalization, glob patterns and tables of values keyed by path.
 
 Optimizers see the same parameters in several wrappings: Linen dicts with or
 without the ``params`` collection, NNX ``State`` whose leaves are ``Variable``
