@@ -20,6 +20,54 @@ import optax
 from dualopt_jax import _paths
 
 
+def check_dtype(anchor_dtype: Any, *, name: str) -> None:
+  """Raises unless ``anchor_dtype`` is ``None`` or a floating (or complex) dtype."""
+  if anchor_dtype is None:
+    return
+  try:
+    dtype = jnp.dtype(anchor_dtype)
+  except TypeError:
+    raise ValueError(f"{name}: anchor_dtype must be a dtype, got {anchor_dtype!r}.") from None
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise ValueError(
+      f"{name}: anchor_dtype must be a floating dtype (e.g. jnp.bfloat16), got {dtype}; an "
+      "integer anchor would truncate the pre-trained weights."
+    )
+
+
+def check_restored(anchor: Any, params: Any, *, name: str, stored: Any = None) -> None:
+  """Raises, naming the first path, when a state's anchor does not fit these params.
+
+  Run at trace time by ``update``: a state restored into a transformation
+  with other ``head``/``mask``/``decay_to_zero`` settings, or for another
+  model, has anchors missing, extra or of another shape. ``stored`` is the
+  tree of bools ``init`` used (``None``: every leaf keeps an anchor).
+  """
+  table = _paths.PathTable(anchor, name=f"{name}: the state's anchor")
+  keeps = {} if stored is None else dict(_paths.present_leaves(stored))
+  for path, leaf in _paths.present_leaves(params):
+    expected = keeps.get(path, True)
+    found, value = table.lookup(path)
+    if expected and not found:
+      raise ValueError(
+        f"{name}: the optimizer state holds no anchor for '{_paths.path_str(path)}', which this "
+        "transformation pulls toward its anchor; the state was made with other head/mask "
+        "settings (or for another model). Initialise the state with tx.init, or restore with "
+        "the settings the run started with."
+      )
+    if found and not expected:
+      raise ValueError(
+        f"{name}: the optimizer state holds an anchor for '{_paths.path_str(path)}', which this "
+        "transformation leaves out or decays toward 0; the state was made with other "
+        "head/mask/decay_to_zero settings."
+      )
+    if found and tuple(np.shape(value)) != tuple(np.shape(leaf)):
+      raise ValueError(
+        f"{name}: the state's anchor for '{_paths.path_str(path)}' has shape "
+        f"{tuple(np.shape(value))}, the parameter {tuple(np.shape(leaf))}."
+      )
+
+
 def check_matches(params0: Any, params: Any) -> _paths.PathTable:
   """``params0`` keyed by path; raises ``ValueError`` naming the first path that differs."""
   table = _paths.PathTable(params0, name="params0")

@@ -178,7 +178,8 @@ def drift(
     xf = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
     axes = _norms.reduce_axes(np.ndim(x), stacked=st, per="tensor")
     af = jnp.asarray(a, xf.dtype)
-    return jnp.sum(jnp.square(xf - af), axis=axes), jnp.sum(jnp.square(af), axis=axes)
+    return (jnp.sum(_norms.squared_magnitude(xf - af), axis=axes),
+            jnp.sum(_norms.squared_magnitude(af), axis=axes))
 
   out: dict[str, Any] = {}
   if granularity == "tensor" and groups is None:

@@ -22,20 +22,58 @@ DEFAULT_DECAY_PROFILE = "shallow"
 DEFAULT_DECAY_FOLLOWS_LR = True
 
 
+# Arguments that only one mode, or one base optimizer, reads: given in the other, they raise.
+_MODE_DEFAULTS = {
+  "finetune": {"rollback": 0.01, "rollback_floor": 0.0},
+  "scratch": {
+    "weight_decay": DEFAULT_WEIGHT_DECAY,
+    "decay_profile": DEFAULT_DECAY_PROFILE,
+    "decay_follows_lr": DEFAULT_DECAY_FOLLOWS_LR,
+  },
+}
+_OPTIMIZER_DEFAULTS = {
+  "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
+  "sgd": {"momentum": 0.9},
+}
+
+
+def _own_settings(
+  kind: str, choice: str, table: dict[str, dict[str, Any]], given: dict[str, Any], *, name: str
+) -> dict[str, Any]:
+  """The settings ``choice`` reads (defaults filled in); raises for another choice's settings."""
+  for other, defaults in table.items():
+    if other == choice:
+      continue
+    passed = [k for k in defaults if given.get(k) is not None]
+    if passed:
+      raise ValueError(
+        f"{name}: {', '.join(passed)} {'is' if len(passed) == 1 else 'are'} read only with "
+        f"{kind}={other!r}; with {kind}={choice!r} {'it does' if len(passed) == 1 else 'they do'} "
+        "nothing. Remove it, or change the "
+        f"{kind}."
+      )
+  own = table[choice]
+  return {k: own[k] if given.get(k) is None else given[k] for k in own}
+
+
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
   if value not in choices:
     raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}.")
 
 
 def _base_optimizer(
-  optimizer: str, learning_rate: optax.ScalarOrSchedule, *, b1: float, b2: float, eps: float,
-  momentum: float,
+  optimizer: str, learning_rate: optax.ScalarOrSchedule, *, name: str, **given: Any
 ) -> optax.GradientTransformation:
   _check_choice("optimizer", optimizer, OPTIMIZERS)
+  own = _own_settings("optimizer", optimizer, _OPTIMIZER_DEFAULTS, given, name=name)
   if optimizer == "adam":
-    direction = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=0.0)
+    _hyperparams.check_in_range(own["b1"], 0.0, 1.0, name=f"{name}: b1")
+    _hyperparams.check_in_range(own["b2"], 0.0, 1.0, name=f"{name}: b2")
+    _hyperparams.check_at_least(own["eps"], 0.0, name=f"{name}: eps")
+    direction = optax.scale_by_adam(b1=own["b1"], b2=own["b2"], eps=own["eps"], eps_root=0.0)
   else:
-    direction = optax.trace(decay=momentum, nesterov=False)  # m <- momentum * m + g
+    _hyperparams.check_in_range(own["momentum"], 0.0, 1.0, name=f"{name}: momentum")
+    direction = optax.trace(decay=own["momentum"], nesterov=False)  # m <- momentum * m + g
   return optax.chain(direction, optax.scale_by_learning_rate(learning_rate))
 
 
@@ -77,23 +115,23 @@ def dualopt(
   learning_rate: optax.ScalarOrSchedule,
   *,
   mode: Literal["finetune", "scratch"] = "finetune",
-  rollback: float = 0.01,
-  rollback_floor: float = 0.0,
-  weight_decay: float = DEFAULT_WEIGHT_DECAY,
+  rollback: float | None = None,
+  rollback_floor: float | None = None,
+  weight_decay: float | None = None,
   power: float = 1.0,
   granularity: Literal["block", "tensor"] = "block",
   order: Any = None,
   stacked: str | Sequence[str] | None = None,
   head: Any = None,
   optimizer: Literal["adam", "sgd"] = "adam",
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  momentum: float = 0.9,
+  b1: float | None = None,
+  b2: float | None = None,
+  eps: float | None = None,
+  momentum: float | None = None,
   anchor_dtype: Any = None,
   peak_learning_rate: float | None = None,
-  decay_profile: Literal["shallow", "deep", "flat"] = DEFAULT_DECAY_PROFILE,
-  decay_follows_lr: bool = DEFAULT_DECAY_FOLLOWS_LR,
+  decay_profile: Literal["shallow", "deep", "flat"] | None = None,
+  decay_follows_lr: bool | None = None,
 ) -> optax.GradientTransformation:
   r"""DualOpt: Adam (or SGD) with paradigm-aware per-layer rollback or decay.
 
@@ -127,15 +165,16 @@ def dualopt(
     learning_rate: scalar or Optax schedule.
     mode: ``"finetune"`` or ``"scratch"``.
     rollback: fine-tune mode's per-step fraction at the peak learning rate for
-      the shallowest layer (the reference pipeline uses 0.01).
+      the shallowest layer (default 0.01, as the reference pipeline). Each
+      mode's own arguments raise when given in the other mode.
     rollback_floor: the deepest backbone layer's rollback as a fraction of
       ``rollback`` (OLOR's κ_min/κ_max; the reference uses 0). On a shallow
       backbone whose last layer holds most weights, 0.25 cut forgetting a lot
-      (BUILD_NOTES.md, "Evidence").
+      (BUILD_NOTES.md, "Evidence"). Default 0.
     weight_decay: scratch mode's per-step fraction at the peak learning rate
       for the most decayed layer. The default 3e-3 was chosen by measurement
       (about half a typical Adam peak lr; scale it with your lr).
-    power: exponent of the depth profile (1 linear, 2 quadratic).
+    power: exponent of the depth profile (1 linear, 2 quadratic), >= 0.
     granularity: ``"block"`` (one depth per block, parsed from paths) or
       ``"tensor"`` (one per tensor in definition order, as OLOR's code does).
     order: the model's forward order, from :func:`~dualopt_jax.forward_order`,
@@ -147,18 +186,20 @@ def dualopt(
       rollback or decay, and not counted in the depth profile.
     optimizer: ``"adam"`` or ``"sgd"`` (heavy-ball momentum, the 2023 OLOR SGD
       form).
-    b1: Adam's decay rate of the first moment.
-    b2: Adam's decay rate of the second moment.
-    eps: Adam's term added to the denominator.
-    momentum: SGD's momentum.
-    anchor_dtype: store the anchor at this dtype (e.g. ``jnp.bfloat16``).
+    b1: Adam's decay rate of the first moment (default 0.9; Adam only).
+    b2: Adam's decay rate of the second moment (default 0.999; Adam only).
+    eps: Adam's term added to the denominator (default 1e-8; Adam only).
+    momentum: SGD's momentum (default 0.9; SGD only).
+    anchor_dtype: store the anchor at this float dtype (e.g. ``jnp.bfloat16``;
+      fine-tune mode only).
     peak_learning_rate: the peak of a learning-rate schedule, to scale the
       rollback/decay with it; needed when ``learning_rate`` is a schedule, and
       under ``optax.inject_hyperparams`` when the rollback should follow an
       injected learning rate.
-    decay_profile: scratch mode's direction, ``"shallow"``, ``"deep"`` or
-      ``"flat"``.
-    decay_follows_lr: scratch mode: whether the decay follows the lr schedule.
+    decay_profile: scratch mode's direction, ``"shallow"`` (default),
+      ``"deep"`` or ``"flat"``.
+    decay_follows_lr: scratch mode: whether the decay follows the lr schedule
+      (default True).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -179,16 +220,31 @@ def dualopt(
   """
   _check_choice("mode", mode, MODES)
   _check_choice("granularity", granularity, ("block", "tensor"))
-  base = _base_optimizer(optimizer, learning_rate, b1=b1, b2=b2, eps=eps, momentum=momentum)
+  own = _own_settings("mode", mode, _MODE_DEFAULTS, {
+    "rollback": rollback, "rollback_floor": rollback_floor, "weight_decay": weight_decay,
+    "decay_profile": decay_profile, "decay_follows_lr": decay_follows_lr,
+  }, name="dualopt")
+  if mode == "scratch" and anchor_dtype is not None:
+    raise ValueError("dualopt: anchor_dtype is read only with mode='finetune' (scratch mode "
+                     "keeps no anchor). Remove it, or change the mode.")
+  _hyperparams.check_at_least(power, 0.0, name="dualopt: power")
+  if peak_learning_rate is not None:
+    _hyperparams.check_at_least(peak_learning_rate, 0.0, name="dualopt: peak_learning_rate",
+                                strict=True)
+  base = _base_optimizer(optimizer, learning_rate, name="dualopt", b1=b1, b2=b2, eps=eps,
+                         momentum=momentum)
   order_t, stacked_t = as_tuple(order), as_tuple(stacked)
   mask = not_head(head, name="dualopt: head")
   if mode == "finetune":
+    rollback, rollback_floor = own["rollback"], own["rollback_floor"]
     _check_fraction("rollback", rollback)
     _check_fraction("rollback_floor", rollback_floor)
     profile = LayerProfile(1.0, rollback_floor, power, granularity, order_t, stacked_t)
     rate = _following_lr(rollback, learning_rate, peak_learning_rate, name="rollback")
     pull = rollback_to(rate=rate, layer_scale=profile, mask=mask, anchor_dtype=anchor_dtype)
   else:
+    weight_decay, decay_profile = own["weight_decay"], own["decay_profile"]
+    decay_follows_lr = own["decay_follows_lr"]
     _check_fraction("weight_decay", weight_decay)
     _check_choice("decay_profile", decay_profile, DECAY_PROFILES)
     end = 1.0 if decay_profile == "flat" else 0.0
@@ -209,11 +265,11 @@ def olor(
   back_level_max: float = 1.0,
   back_level_min: float = 0.0,
   back_pow: float = 2.0,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
+  b1: float | None = None,
+  b2: float | None = None,
+  eps: float | None = None,
   optimizer: Literal["adam", "sgd"] = "adam",
-  momentum: float = 0.9,
+  momentum: float | None = None,
   head: Any = None,
   order: Any = None,
   stacked: str | Sequence[str] | None = None,
@@ -245,11 +301,11 @@ def olor(
     back_level_max: :math:`\kappa_{max}`, for the first tensor.
     back_level_min: :math:`\kappa_{min}`, for the last tensor.
     back_pow: :math:`\gamma`.
-    b1: Adam's decay rate of the first moment.
-    b2: Adam's decay rate of the second moment.
-    eps: Adam's term added to the denominator.
+    b1: Adam's first-moment decay (default 0.9; Adam only).
+    b2: Adam's second-moment decay (default 0.999; Adam only).
+    eps: Adam's denominator term (default 1e-8; Adam only).
     optimizer: ``"adam"`` (AdamB) or ``"sgd"``.
-    momentum: SGD's momentum.
+    momentum: SGD's momentum (default 0.9; SGD only).
     head: parameters excluded from the rollback (plain optimizer step).
     order: the model's forward order (:func:`~dualopt_jax.forward_order`) or
       glob patterns, input to output (see ``layer_depths``).
@@ -268,7 +324,11 @@ def olor(
   References:
     Huang, Li et al., "One Step Learning, One Step Review", AAAI 2024.
   """
-  base = _base_optimizer(optimizer, learning_rate, b1=b1, b2=b2, eps=eps, momentum=momentum)
+  _hyperparams.check_at_least(back_level_max, 0.0, name="olor: back_level_max")
+  _hyperparams.check_at_least(back_level_min, 0.0, name="olor: back_level_min")
+  _hyperparams.check_at_least(back_pow, 0.0, name="olor: back_pow")
+  base = _base_optimizer(optimizer, learning_rate, name="olor", b1=b1, b2=b2, eps=eps,
+                         momentum=momentum)
   profile = LayerProfile(
     back_level_max, back_level_min, back_pow, "tensor", as_tuple(order), as_tuple(stacked)
   )

@@ -46,6 +46,19 @@ def value_at(spec: ScalarOrSchedule, count: chex.Array, *, name: str = "hyper-pa
     ) from e
 
 
+def fraction_at(spec: ScalarOrSchedule, count: chex.Array, *, name: str) -> Any:
+  """``value_at`` of a per-step fraction; a schedule's (or an array's) value is clipped to [0, 1].
+
+  A Python number is checked at construction instead (``check_in_range``):
+  only values that cannot be known ahead are clipped, since a fraction
+  outside [0, 1] overshoots the anchor or pushes away from it.
+  """
+  value = value_at(spec, count, name=name)
+  if isinstance(spec, (int, float)):
+    return value
+  return jnp.clip(value, 0.0, 1.0)
+
+
 def state_value(spec: ScalarOrSchedule, count: chex.Array, *, name: str) -> chex.Array:
   """``value_at`` as the float32 scalar a state keeps (what the next update applies)."""
   return jnp.asarray(value_at(spec, count, name=name), jnp.float32)

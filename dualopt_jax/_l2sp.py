@@ -34,26 +34,29 @@ def _l2sp_term(
   _hyperparams.check_at_least(alpha, 0.0, name=f"{name}: alpha")
   _hyperparams.check_at_least(beta, 0.0, name=f"{name}: beta")
 
+  _anchor.check_dtype(anchor_dtype, name=name)
+
   def to_zero(params: Any) -> Any:
     return _masks.flags(decay_to_zero, params, name=f"{name}: decay_to_zero")
 
-  def init_fn(params: optax.Params) -> L2SPState:
-    anchor = _anchor.init(
-      params, params0, anchor_dtype=anchor_dtype,
-      stored=lambda tree: _paths.map_with_path(
-        lambda _p, x, zero: not zero and _paths.is_float_leaf(x), tree, to_zero(tree)
-      ),
+  def stored(params: Any) -> Any:
+    return _paths.map_with_path(
+      lambda _p, x, zero: not zero and _paths.is_float_leaf(x), params, to_zero(params)
     )
+
+  def init_fn(params: optax.Params) -> L2SPState:
+    anchor = _anchor.init(params, params0, anchor_dtype=anchor_dtype, stored=stored)
     return L2SPState(count=jnp.zeros([], jnp.int32), anchor=anchor)
 
   def update_fn(updates, state: L2SPState, params=None):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
+    _anchor.check_restored(state.anchor, params, name=name, stored=stored(params))
     a_t = _hyperparams.value_at(alpha, state.count, name=f"{name}: alpha")
     b_t = _hyperparams.value_at(beta, state.count, name=f"{name}: beta")
 
     def leaf(_path, u, p, a, zero):
-      if not _paths.is_float_leaf(u):
+      if not _paths.is_float_leaf(p):
         return u
       compute = jnp.promote_types(u.dtype, jnp.float32)
       pf = p.astype(compute)

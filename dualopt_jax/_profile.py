@@ -71,6 +71,8 @@ class LayerProfile:
   flip: bool = False
 
   def __post_init__(self) -> None:
+    for label in ("start", "end", "power"):
+      _hyperparams.check_at_least(getattr(self, label), 0.0, name=f"LayerProfile: {label}")
     if self.granularity not in _depths.GRANULARITIES:
       raise ValueError(
         f"granularity must be one of {_depths.GRANULARITIES}, got {self.granularity!r}."
@@ -268,13 +270,16 @@ def layer_multipliers(spec: Any, state: LayerScaleState, updates: Any, *, name: 
 
 
 def at_step(
-  value: Any, layer_scale: Any, state: Any, updates: Any, *, name: str, label: str
+  value: Any, layer_scale: Any, state: Any, updates: Any, *, name: str, label: str,
+  fraction: bool = False,
 ) -> tuple[Any, Any]:
   """What an update applies: ``value`` (a schedule) at ``state.count``, and per-leaf multipliers.
 
-  ``state`` has ``count`` and ``layer_scale`` (a :class:`LayerScaleState`).
+  ``state`` has ``count`` and ``layer_scale`` (a :class:`LayerScaleState`);
+  ``fraction``: ``value`` is a per-step fraction (``_hyperparams.fraction_at``).
   """
-  current = _hyperparams.value_at(value, state.count, name=f"{name}: {label}")
+  at = _hyperparams.fraction_at if fraction else _hyperparams.value_at
+  current = at(value, state.count, name=f"{name}: {label}")
   return current, layer_multipliers(layer_scale, state.layer_scale, updates, name=name)
 
 

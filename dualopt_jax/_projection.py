@@ -107,6 +107,7 @@ def project_to_anchor(
   """
   if norm not in _NORMS:
     raise ValueError(f"project_to_anchor: norm must be one of {_NORMS}, got {norm!r}.")
+  _anchor.check_dtype(anchor_dtype, name="project_to_anchor")
   global_radius, leaf_radius = _per_leaf.split_global(radius, name="project_to_anchor: radius")
   _hyperparams.check_at_least(global_radius, 0.0, name="project_to_anchor: radius")
   if _profile.is_per_leaf(leaf_radius):
@@ -140,10 +141,11 @@ def project_to_anchor(
     g, scales = _profile.at_step(
       global_radius, layer_scale, state, updates, name="project_to_anchor", label="radius"
     )
+    _anchor.check_restored(state.anchor, params, name="project_to_anchor")
     flags = _norms.stacked_flags(stacked, updates)
 
     def project(path, u, p, a, s, st):
-      if not _paths.is_float_leaf(u):
+      if not _paths.is_float_leaf(p):
         return u
       compute = jnp.promote_types(u.dtype, jnp.float32)
       d = p.astype(compute) + u.astype(compute) - a.astype(compute)

@@ -63,8 +63,12 @@ def _rate_state(rate: ScalarOrSchedule, count: chex.Array, name: str) -> chex.Ar
 
 
 def _pull_toward(u: chex.Array, p: chex.Array, a: chex.Array | None, lam: Any) -> chex.Array:
-  """``u - lam * (p + u - a)`` (``a=None`` means 0), computed in at least float32."""
-  if not _paths.is_float_leaf(u):
+  """``u - lam * (p + u - a)`` (``a=None`` means 0), computed in at least float32.
+
+  Whether a leaf is pulled is decided by the parameter's dtype (an integer
+  step counter kept among the params passes through).
+  """
+  if not _paths.is_float_leaf(p):
     return u
   compute = jnp.promote_types(u.dtype, jnp.float32)
   cast = lambda x: x if x.dtype == compute else x.astype(compute)  # few ops per leaf to trace
@@ -112,7 +116,8 @@ def rollback_to(
       parameters (any wrapping: Linen dict, NNX ``State``); ``None`` uses the
       params given to ``init`` (copied). Stored in the optimizer state, never
       in a closure, so it is sharded, donated and checkpointed with the state.
-    rate: per-step fraction, a scalar or an Optax schedule of the step count.
+    rate: per-step fraction, a scalar in [0, 1] or an Optax schedule of the
+      step count (its values are clipped to [0, 1]).
     layer_scale: per-leaf multiplier :math:`s_i`: a scalar, a
       :class:`LayerProfile`, a (prefix) pytree over the params (a leaf may be
       an array broadcasting against the parameter, e.g. shape ``(L, 1, 1)``
@@ -142,6 +147,7 @@ def rollback_to(
     fine-tuning", 2026.
   """
   _hyperparams.check_fraction_range(rate, layer_scale, name="rollback_to")
+  _anchor.check_dtype(anchor_dtype, name="rollback_to")
 
   def init_fn(params: optax.Params) -> RollbackState:
     anchor = _anchor.init(params, params0, anchor_dtype=anchor_dtype)
@@ -154,8 +160,9 @@ def rollback_to(
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
     rate_t, scales = _profile.at_step(
-      rate, layer_scale, state, updates, name="rollback_to", label="rate"
+      rate, layer_scale, state, updates, name="rollback_to", label="rate", fraction=True
     )
+    _anchor.check_restored(state.anchor, params, name="rollback_to")
     new_updates = _pull_all(updates, params, scales, rate_t, state.anchor)
     count = optax.safe_increment(state.count)
     new_state = RollbackState(
@@ -187,7 +194,8 @@ def layerwise_decay(
   \mathrm{rate}(t)\,s_i` directly.
 
   Args:
-    rate: per-step fraction, a scalar or an Optax schedule of the step count.
+    rate: per-step fraction, a scalar in [0, 1] or an Optax schedule of the
+      step count (its values are clipped to [0, 1]).
     layer_scale: per-leaf multiplier (scalar, ``LayerProfile``, pytree or
       ``params -> pytree``; see :func:`rollback_to`).
     mask: which leaves to decay (pytree of bools, callable, or glob patterns).
@@ -223,7 +231,7 @@ def layerwise_decay(
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
     rate_t, scales = _profile.at_step(
-      rate, layer_scale, state, updates, name="layerwise_decay", label="rate"
+      rate, layer_scale, state, updates, name="layerwise_decay", label="rate", fraction=True
     )
     new_updates = _pull_all(updates, params, scales, rate_t)
     count = optax.safe_increment(state.count)

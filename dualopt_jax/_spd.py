@@ -98,18 +98,20 @@ def spd(
       "not both."
     )
 
+  _anchor.check_dtype(anchor_dtype, name="spd")
+
   def decayed(params: Any) -> Any:
     return _masks.flags(mask, params, name="spd: mask", default=True)
 
+  def stored(params: Any) -> Any:
+    return _paths.map_with_path(
+      lambda _p, x, d, zero: d and not zero and _paths.is_float_leaf(x),
+      params, decayed(params), _masks.flags(decay_to_zero, params, name="spd: decay_to_zero"),
+    )
+
   def init_fn(params: optax.Params) -> SPDState:
     _norms.stacked_flags(stacked, params)  # raises early on a bad spec
-    anchor = _anchor.init(
-      params, params0, anchor_dtype=anchor_dtype,
-      stored=lambda tree: _paths.map_with_path(
-        lambda _p, x, d, zero: d and not zero and _paths.is_float_leaf(x),
-        tree, decayed(tree), _masks.flags(decay_to_zero, tree, name="spd: decay_to_zero"),
-      ),
-    )
+    anchor = _anchor.init(params, params0, anchor_dtype=anchor_dtype, stored=stored)
     return SPDState(
       count=jnp.zeros([], jnp.int32), inner_state=inner.init(params), anchor=anchor
     )
@@ -120,12 +122,13 @@ def spd(
     inner_updates, inner_state = optax.with_extra_args_support(inner).update(
       updates, state.inner_state, params, **extra_args
     )
+    _anchor.check_restored(state.anchor, params, name="spd", stored=stored(params))
     lam = _hyperparams.value_at(strength, state.count, name="spd: strength")
     flags = decayed(params)
     st_flags = _norms.stacked_flags(stacked, params)
 
     def leaf(path, u, g, p, a, d, st):
-      if not d or not _paths.is_float_leaf(u):
+      if not d or not _paths.is_float_leaf(p):
         return u
       compute = jnp.promote_types(u.dtype, jnp.float32)
       uf = u.astype(compute)
@@ -134,7 +137,7 @@ def spd(
         prev = prev - a.astype(compute)
       cand = prev + uf
       axes = _norms.reduce_axes(np.ndim(u), stacked=bool(st), per="tensor")
-      c = -jnp.sum(g.astype(compute) * prev, axis=axes, keepdims=True)
+      c = -_norms.real_inner(g.astype(compute), prev, axes)
       n_cand = _norms.norm_keepdims(cand, axes)
       n_prev = _norms.norm_keepdims(prev, axes)
       ratio = jnp.where(n_cand > 0, (n_cand - n_prev) / jnp.where(n_cand > 0, n_cand, 1.0), 0.0)

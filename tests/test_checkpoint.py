@@ -286,8 +286,9 @@ def test_a_restored_state_trains_with_the_new_profile_numbers(tmp_path, before, 
   x = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
   params = model.init(jax.random.key(0), x)["params"]
   loss = lambda p: jnp.mean((model.apply({"params": p}, x) - 1.0) ** 2)
-  old = dj.dualopt(1e-1, rollback=0.3, weight_decay=0.1, optimizer="sgd", **before)
-  new = dj.dualopt(1e-1, rollback=0.3, weight_decay=0.1, optimizer="sgd", **after)
+  strength = {"weight_decay": 0.1} if before.get("mode") == "scratch" else {"rollback": 0.3}
+  old = dj.dualopt(1e-1, optimizer="sgd", **strength, **before)
+  new = dj.dualopt(1e-1, optimizer="sgd", **strength, **after)
   p3, s3 = _run(old, loss, params, old.init(params), 3)
   restored = _save_and_restore(tmp_path, p3, s3, new)
   got, state = _run(new, loss, restored["params"], restored["opt_state"], 2)
@@ -328,3 +329,24 @@ def test_restoring_under_other_depth_settings_fails_loudly(tmp_path: Path) -> No
   grads = jax.tree.map(jnp.ones_like, params)
   with pytest.raises(ValueError, match=r"settings 'block', but this transformation uses 'tensor'"):
     tensor.update(grads, state, params)
+
+
+def test_restoring_under_another_head_fails_at_the_first_update(tmp_path: Path) -> None:
+  """A state whose anchor was made for another ``head=`` never trains (no anchor read as 0)."""
+  model = EncoderDecoder()
+  x = jnp.ones((1, 4))
+  params = model.init(jax.random.key(0), x)["params"]
+  old = dj.dualopt(1e-2, rollback=0.3, head="head")
+  new = dj.dualopt(1e-2, rollback=0.3, head="decoder_1")  # the old head is now rolled back
+  old_state = old.init(params)
+  with pytest.raises(ValueError, match="do not match"):  # Orbax refuses the other structure
+    _save_and_restore(tmp_path, params, old_state, new)
+  # A state assembled by hand (or by a looser restore) carrying the old anchor:
+  new_state = new.init(params)
+  (old_pull,), (new_pull,) = _pull_states(old_state), _pull_states(new_state)
+  mixed = (new_state[0], new_state[1]._replace(
+    inner_state=new_state[1].inner_state._replace(anchor=old_pull.anchor)))
+  grads = jax.tree.map(jnp.ones_like, params)
+  with pytest.raises(ValueError, match=r"holds no anchor for 'head/(bias|kernel)'"):
+    jax.jit(new.update)(grads, mixed, params)
+  assert new_pull.anchor is not old_pull.anchor

@@ -85,3 +85,60 @@ def test_the_anchor_is_its_own_buffer_and_a_donated_step_runs(name: str) -> None
   donated = jax.jit(step, donate_argnums=(0, 1))
   new_params, _ = donated(params, state)
   assert np.all(np.isfinite(np.asarray(new_params["w"])))
+
+
+@pytest.mark.parametrize(
+  "make, match",
+  [
+    (lambda: dj.dualopt(1e-3, power=-1.0), "dualopt: power must be >= 0"),
+    (lambda: dj.dualopt(1e-3, power=float("nan")), "dualopt: power must be a finite"),
+    (lambda: dj.dualopt(optax.constant_schedule(1e-3), peak_learning_rate=0.0),
+     "peak_learning_rate must be > 0"),
+    (lambda: dj.dualopt(1e-3, rollback="0.01"), "rollback must be a number"),
+    (lambda: dj.dualopt(1e-3, weight_decay=0.1), "weight_decay is read only with mode='scratch'"),
+    (lambda: dj.dualopt(1e-3, mode="scratch", rollback=0.1), "rollback is read only with mode="),
+    (lambda: dj.dualopt(1e-3, mode="scratch", anchor_dtype=jnp.bfloat16), "anchor_dtype is read"),
+    (lambda: dj.dualopt(1e-3, optimizer="sgd", b1=0.8), "b1 is read only with optimizer='adam'"),
+    (lambda: dj.olor(1e-3, momentum=0.5), "momentum is read only with optimizer='sgd'"),
+    (lambda: dj.olor(1e-3, back_level_max=float("inf")), "back_level_max must be a finite"),
+    (lambda: dj.olor(1e-3, back_pow=-2.0), "back_pow must be >= 0"),
+    (lambda: dj.LayerProfile(power=-1.0), "LayerProfile: power must be >= 0"),
+    (lambda: dj.rollback_to(rate=0.1, anchor_dtype=jnp.int8), "anchor_dtype must be a floating"),
+    (lambda: dj.spd(optax.sgd(0.1), strength=1.0, anchor_dtype="int32"), "anchor_dtype must be"),
+    (lambda: dj.l2sp(0.1, alpha=0.1, anchor_dtype=jnp.int4), "anchor_dtype must be a floating"),
+    (lambda: dj.project_to_anchor(radius=float("nan")), "radius must be a finite"),
+  ],
+)
+def test_bad_settings_raise_at_construction_naming_them(make, match: str) -> None:
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_a_scheduled_fraction_is_clipped_to_the_unit_interval() -> None:
+  params = {"w": jnp.zeros(3)}
+  grads = {"w": -jnp.ones(3)}  # sgd(1) steps to +1; the anchor is 0
+  for schedule, want in ((lambda c: 3.0 + 0.0 * c, 0.0), (lambda c: -1.0 + 0.0 * c, 1.0)):
+    tx = optax.chain(optax.sgd(1.0), dj.rollback_to(rate=schedule))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], want)
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("anchor_dtype", [None, jnp.float32, jnp.bfloat16])
+def test_donated_steps_for_every_param_and_anchor_dtype(param_dtype, anchor_dtype) -> None:
+  params = {"w": jnp.ones((4, 2), param_dtype), "step": jnp.zeros((), jnp.int32)}
+  tx = optax.chain(optax.adam(1e-2), dj.rollback_to(rate=0.1, anchor_dtype=anchor_dtype))
+
+  def step(p, s):
+    grads = {"w": jnp.ones_like(p["w"]), "step": jnp.zeros_like(p["step"])}
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s
+
+  donated = jax.jit(step, donate_argnums=(0, 1))
+  p, s = params, tx.init(params)
+  for _ in range(3):
+    p, s = donated(p, s)
+  assert p["w"].dtype == param_dtype and p["step"].dtype == jnp.int32
+  anchor = s[1].anchor["w"]
+  assert anchor.dtype == (param_dtype if anchor_dtype is None else anchor_dtype)
+  np.testing.assert_array_equal(np.asarray(anchor, np.float32), 1.0)  # never moves
