@@ -53,17 +53,20 @@ def test_stacked_layer_scale_broadcasts_per_slice() -> None:
   np.testing.assert_allclose(got["blocks"]["kernel"][:, 0, 0], [0.8, 0.9, 1.0], rtol=1e-6)
 
 
-def test_callable_layer_scale_receives_paths() -> None:
+def test_callable_layer_scale_receives_the_params() -> None:
+  """A per-leaf callable is ``params -> pytree`` (as Optax's mask callables), here keyed by path."""
   seen = []
 
-  def scale(path, leaf):
-    seen.append(path)
-    return 0.0 if path[-1] == "bias" else 1.0
+  def scale(tree):
+    seen.append(tree)
+    return jax.tree_util.tree_map_with_path(
+      lambda path, _x: 0.0 if path[-1].key == "bias" else 1.0, tree
+    )
 
   params = {"Dense_0": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}}
   got, _ = _apply(dj.layerwise_decay(rate=0.5, layer_scale=scale), jax.tree.map(
     jnp.zeros_like, params), params)
-  assert ("Dense_0", "kernel") in seen
+  assert jax.tree.structure(seen[0]) == jax.tree.structure(params)
   np.testing.assert_allclose(got["Dense_0"]["kernel"], 0.5)
   np.testing.assert_allclose(got["Dense_0"]["bias"], 1.0)
 
