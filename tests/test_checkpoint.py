@@ -350,3 +350,25 @@ def test_restoring_under_another_head_fails_at_the_first_update(tmp_path: Path) 
   with pytest.raises(ValueError, match=r"holds no anchor for 'head/(bias|kernel)'"):
     jax.jit(new.update)(grads, mixed, params)
   assert new_pull.anchor is not old_pull.anchor
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: dj.dualopt(1e-2, rollback=0.3, head="head"),
+    lambda: dj.spd(optax.adam(1e-2), strength=1.0, mask="encoder_*"),
+    lambda: dj.l2sp(1e-2, alpha=0.1, decay_to_zero="head"),
+    lambda: optax.masked(dj.project_to_anchor(0.1), lambda p: {k: k != "head" for k in p}),
+  ],
+  ids=["dualopt_head", "spd_mask", "l2sp_decay_to_zero", "masked_projection"],
+)
+def test_abstract_state_is_a_restore_target_with_heads_and_masks(tmp_path: Path, make) -> None:
+  model = EncoderDecoder()
+  params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  tx = make()
+  state = tx.init(params)
+  target = dj.abstract_state(tx, params)
+  for leaf in jax.tree.leaves(target):
+    assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is not None
+  restored = _save_and_restore(tmp_path, params, state, tx)["opt_state"]
+  _assert_bit_identical(restored, state)
