@@ -9,7 +9,10 @@ It joins the cluster over 127.0.0.1 (gloo CPU collectives), trains the small
 Flax model of ``multihost_problem`` with ``dualopt`` on the global mesh
 (FSDP or replicated), writes the gathered parameters (process 0) and an Orbax
 checkpoint of params + optimizer state (all processes) into ``--out``.
-The module also holds the problem definition the test reuses in-process.
+The module also holds the problem definition the test reuses in-process, and what the
+cluster tests share: ``join_cluster`` (with the heartbeat and shutdown timeouts) and
+``setup_training`` for the workers (``tests/_fault_worker.py`` too), ``start_workers``,
+``wait_workers`` and ``kill_workers`` for the parent.
 """
 
 from __future__ import annotations
@@ -78,23 +81,29 @@ def flat_params(params) -> dict:
   }
 
 
-# ---------------------------------------------------------------- the worker
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser()
+# ---------------------------------------------------------------- cluster set-up
+# A dead peer must take the survivors down within seconds, not minutes (BUILD_NOTES.md,
+# "Fault recovery"): a process that sent no heartbeat for HEARTBEAT_TIMEOUT_S is declared dead
+# and the coordination service fails every other process; a failing process waits at most
+# SHUTDOWN_TIMEOUT_S for its peers at exit (the jax defaults are 100 s and 300 s).
+HEARTBEAT_TIMEOUT_S = 10
+SHUTDOWN_TIMEOUT_S = 5
+INIT_TIMEOUT_S = 60
+
+
+def add_cluster_args(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--process-id", type=int, required=True)
   ap.add_argument("--num-processes", type=int, default=2)
   ap.add_argument("--port", type=int, required=True)
   ap.add_argument("--local-devices", type=int, default=2)
-  ap.add_argument("--steps", type=int, default=5)
-  ap.add_argument("--layout", choices=("fsdp", "replicated"), default="fsdp")
   ap.add_argument("--out", required=True)
   ap.add_argument("--timeout", type=int, default=120, help="the process kills itself after this")
-  args = ap.parse_args(argv)
-  if args.steps < 0:
-    ap.error(f"--steps must be >= 0, got {args.steps}")
+
+
+def join_cluster(args) -> None:
+  """Arms the alarm, pins the CPU devices and joins the cluster over 127.0.0.1 (gloo)."""
   signal.alarm(args.timeout)  # never outlive a lost parent or a hung collective
   _set_env(args.local_devices)
-
   import jax
 
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -104,25 +113,32 @@ def main(argv=None) -> int:
     coordinator_bind_address=address,  # loopback only
     num_processes=args.num_processes,
     process_id=args.process_id,
-    initialization_timeout=60,
+    initialization_timeout=INIT_TIMEOUT_S,
+    heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+    shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
   )
-  import numpy as np
-  import optax
-  import orbax.checkpoint as ocp
-  from jax.experimental import multihost_utils
-  from jax.sharding import AxisType, NamedSharding
-  from jax.sharding import PartitionSpec as P
-
-  from dualopt_jax._sharding import fsdp_shardings, init_sharded, state_shardings
-
   n_global = args.num_processes * args.local_devices
   assert jax.process_count() == args.num_processes, jax.process_count()
   assert jax.local_device_count() == args.local_devices, jax.local_devices()
   assert jax.device_count() == n_global, jax.devices()
 
+
+def setup_training(layout: str = "fsdp"):
+  """The problem on the global mesh: (params, state, x, y, tx, step, param_sh).
+
+  ``step(params, state, x, y)`` is jitted with donation and keeps the params' and the
+  state's shardings.
+  """
+  import jax
+  import optax
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from dualopt_jax._sharding import fsdp_shardings, init_sharded, state_shardings
+
   model, params_np, x_np, y_np, make_tx = make_problem()
-  mesh = jax.make_mesh((n_global,), ("data",), axis_types=(AxisType.Auto,))
-  if args.layout == "fsdp":
+  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+  if layout == "fsdp":
     param_sh = fsdp_shardings(params_np, mesh, "data")
   else:
     param_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), params_np)
@@ -146,6 +162,105 @@ def main(argv=None) -> int:
 
   step = jax.jit(step, out_shardings=(param_sh, state_sh), donate_argnums=(0, 1))
   params, state = jax.block_until_ready((params, state))
+  return params, state, x, y, tx, step, param_sh
+
+
+# ---------------------------------------------------------------- the parent's side
+def child_env(root: str, local_devices: int) -> dict:
+  """The environment of a worker: CPU, ``local_devices`` devices, ``root`` importable."""
+  env = dict(os.environ)
+  # The children must not inherit conftest's 8 devices.
+  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_NUM_CPU_DEVICES"] = str(local_devices)
+  env["XLA_FLAGS"] = " ".join(
+    f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f
+  )
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  return env
+
+
+def free_port() -> int:
+  import socket
+
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_workers(cmds, out_dir: str, env: dict, cwd: str) -> list:
+  """One process per command, each in its own session, output to ``out_dir/worker{i}.log``."""
+  import subprocess
+
+  procs = []
+  try:
+    for i, cmd in enumerate(cmds):
+      with open(os.path.join(out_dir, f"worker{i}.log"), "w") as log:
+        procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+  except BaseException:
+    kill_workers(procs)
+    raise
+  return procs
+
+
+def wait_workers(procs, timeout_s: float, *, stop_on_failure: bool = True) -> dict:
+  """Polls until all exited (or one failed, with ``stop_on_failure``); {index: exit time}."""
+  import time
+
+  exited: dict[int, float] = {}
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline and len(exited) < len(procs):
+    for i, p in enumerate(procs):
+      if i not in exited and p.poll() is not None:
+        exited[i] = time.time()
+    if stop_on_failure and any(procs[i].returncode != 0 for i in exited):
+      break
+    time.sleep(0.05)
+  return exited
+
+
+def kill_workers(procs) -> None:
+  """SIGKILL to each worker's process group (its own session: only what we started)."""
+  import contextlib
+  import subprocess
+
+  for p in procs:
+    if p.poll() is None:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+  for p in procs:
+    try:
+      p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      p.kill()
+      p.wait(timeout=10)
+
+
+def worker_logs(procs, out_dir: str) -> str:
+  text = ""
+  for i, p in enumerate(procs):
+    with open(os.path.join(out_dir, f"worker{i}.log")) as f:
+      text += f"--- worker {i} (exit {p.returncode}) ---\n{f.read()[-3000:]}\n"
+  return text
+
+
+# ---------------------------------------------------------------- the worker
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser()
+  add_cluster_args(ap)
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--layout", choices=("fsdp", "replicated"), default="fsdp")
+  args = ap.parse_args(argv)
+  if args.steps < 0:
+    ap.error(f"--steps must be >= 0, got {args.steps}")
+  join_cluster(args)
+  import jax
+  import numpy as np
+  import optax
+  import orbax.checkpoint as ocp
+  from jax.experimental import multihost_utils
+
+  params, state, x, y, _, step, _ = setup_training(args.layout)
   for _ in range(args.steps):  # one step in flight at a time (BUILD_NOTES.md, "Scale-out")
     params, state = jax.block_until_ready(step(params, state, x, y))
 

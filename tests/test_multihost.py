@@ -18,11 +18,7 @@ group) on any failure or after ``WORKER_TIMEOUT_S``; each also arms
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -46,77 +42,26 @@ MORE = 5
 WORKER_TIMEOUT_S = 90
 
 
-def _free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _child_env() -> dict:
-  env = dict(os.environ)
-  # The children must not inherit conftest's 8 devices.
-  env["JAX_PLATFORMS"] = "cpu"
-  env["JAX_NUM_CPU_DEVICES"] = str(LOCAL_DEVICES)
-  env["XLA_FLAGS"] = " ".join(
-    f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f
-  )
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-  return env
-
-
-def _kill(procs) -> None:
-  for p in procs:
-    if p.poll() is None:
-      with contextlib.suppress(ProcessLookupError):
-        os.killpg(p.pid, signal.SIGKILL)  # the worker's own session: only what we started
-  for p in procs:
-    try:
-      p.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-      p.kill()
-      p.wait(timeout=10)
-
-
 def _launch(out_dir: str, layout: str, *, broken: int | None = None) -> tuple[bool, str, list]:
   """Runs the cluster once; (ok, logs, processes). ``broken``: that process gets a bad argument."""
-  port = _free_port()
-  procs, logs = [], []
+  port = worker.free_port()
+  cmds = [
+    [
+      sys.executable, os.path.join(HERE, "_multihost_worker.py"),
+      "--process-id", str(pid), "--num-processes", str(N_PROC), "--port", str(port),
+      "--local-devices", str(LOCAL_DEVICES), "--steps", str(STEPS), "--layout", layout,
+      "--out", out_dir, "--timeout", str(WORKER_TIMEOUT_S + 15),
+    ] + (["--steps", "-1"] if pid == broken else [])
+    for pid in range(N_PROC)
+  ]
+  procs = worker.start_workers(cmds, out_dir, worker.child_env(ROOT, LOCAL_DEVICES), ROOT)
   try:
-    for pid in range(N_PROC):
-      log = open(os.path.join(out_dir, f"worker{pid}.log"), "w")  # noqa: SIM115
-      logs.append(log)
-      procs.append(
-        subprocess.Popen(
-          [
-            sys.executable, os.path.join(HERE, "_multihost_worker.py"),
-            "--process-id", str(pid), "--num-processes", str(N_PROC), "--port", str(port),
-            "--local-devices", str(LOCAL_DEVICES), "--steps", str(STEPS), "--layout", layout,
-            "--out", out_dir, "--timeout", str(WORKER_TIMEOUT_S + 15),
-          ] + (["--steps", "-1"] if pid == broken else []),
-          env=_child_env(),
-          cwd=ROOT,
-          stdout=log,
-          stderr=subprocess.STDOUT,
-          start_new_session=True,
-        )
-      )
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    while time.monotonic() < deadline:
-      codes = [p.poll() for p in procs]
-      if any(c not in (None, 0) for c in codes) or all(c == 0 for c in codes):
-        break
-      time.sleep(0.2)
+    worker.wait_workers(procs, WORKER_TIMEOUT_S)
     ok = all(p.poll() == 0 for p in procs)
   finally:
-    _kill(procs)
-    for log in logs:
-      log.close()
-  text = ""
-  for pid in range(N_PROC):
-    with open(os.path.join(out_dir, f"worker{pid}.log")) as f:
-      text += f"--- worker {pid} (exit {procs[pid].returncode}) ---\n{f.read()[-3000:]}\n"
+    worker.kill_workers(procs)
   assert all(p.poll() is not None for p in procs), "a worker survived"
-  return ok, text, procs
+  return ok, worker.worker_logs(procs, out_dir), procs
 
 
 def _single_process_reference(model, params_np, x, y, make_tx, steps):
