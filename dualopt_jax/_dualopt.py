@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Literal
 
 import jax
@@ -23,22 +24,23 @@ DEFAULT_DECAY_FOLLOWS_LR = True
 
 
 # Arguments that only one mode, or one base optimizer, reads: given in the other, they raise.
-_MODE_DEFAULTS = {
-  "finetune": {"rollback": 0.01, "rollback_floor": 0.0},
-  "scratch": {
+_MODE_DEFAULTS = MappingProxyType({
+  "finetune": MappingProxyType({"rollback": 0.01, "rollback_floor": 0.0}),
+  "scratch": MappingProxyType({
     "weight_decay": DEFAULT_WEIGHT_DECAY,
     "decay_profile": DEFAULT_DECAY_PROFILE,
     "decay_follows_lr": DEFAULT_DECAY_FOLLOWS_LR,
-  },
-}
-_OPTIMIZER_DEFAULTS = {
-  "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
-  "sgd": {"momentum": 0.9},
-}
+  }),
+})
+_OPTIMIZER_DEFAULTS = MappingProxyType({
+  "adam": MappingProxyType({"b1": 0.9, "b2": 0.999, "eps": 1e-8}),
+  "sgd": MappingProxyType({"momentum": 0.9}),
+})
 
 
 def _own_settings(
-  kind: str, choice: str, table: dict[str, dict[str, Any]], given: dict[str, Any], *, name: str
+  kind: str, choice: str, table: Mapping[str, Mapping[str, Any]], given: dict[str, Any], *,
+  name: str,
 ) -> dict[str, Any]:
   """The settings ``choice`` reads (defaults filled in); raises for another choice's settings."""
   for other, defaults in table.items():
@@ -231,6 +233,7 @@ def dualopt(
   if peak_learning_rate is not None:
     _hyperparams.check_at_least(peak_learning_rate, 0.0, name="dualopt: peak_learning_rate",
                                 strict=True)
+  _hyperparams.check_at_least(learning_rate, 0.0, name="dualopt: learning_rate")
   base = _base_optimizer(optimizer, learning_rate, name="dualopt", b1=b1, b2=b2, eps=eps,
                          momentum=momentum)
   order_t, stacked_t = as_tuple(order), as_tuple(stacked)
@@ -327,6 +330,7 @@ def olor(
   _hyperparams.check_at_least(back_level_max, 0.0, name="olor: back_level_max")
   _hyperparams.check_at_least(back_level_min, 0.0, name="olor: back_level_min")
   _hyperparams.check_at_least(back_pow, 0.0, name="olor: back_pow")
+  _hyperparams.check_at_least(learning_rate, 0.0, name="olor: learning_rate")
   base = _base_optimizer(optimizer, learning_rate, name="olor", b1=b1, b2=b2, eps=eps,
                          momentum=momentum)
   profile = LayerProfile(

@@ -252,6 +252,7 @@ def layerwise_lr_decay_adamw(
   References:
     Bao et al., "BEiT", ICLR 2022; He et al., "MAE", CVPR 2022.
   """
+  _hyperparams.check_at_least(weight_decay, 0.0, name="layerwise_lr_decay_adamw: weight_decay")
   lld = layerwise_lr_decay(
     decay, depths=depths, num_layers=num_layers, granularity=granularity, order=order,
     stacked=stacked,

@@ -23,16 +23,33 @@ def resolve(spec: Any, tree: Any, *, name: str) -> Any:
   Values must broadcast against their leaf without changing its shape (e.g.
   shape ``(L, 1, 1)`` for ``L`` stacked layers).
   """
+  if isinstance(spec, (str, bytes)):
+    raise ValueError(
+      f"{name} must be a number, a pytree over the params or a params -> pytree function, got "
+      f"the string {spec!r}."
+    )
   if _hyperparams.is_scalar_like(spec):
+    check_number(spec, (), name)
     return _paths.map_with_path(lambda _p, _x: spec, tree)
   table = _paths.PathTable(spec(tree) if callable(spec) else spec, name=name, prefix=True)
 
   def value_for(path: _paths.Path, leaf: Any) -> Any:
     value = table.get(path)
+    check_number(value, path, name)
     check_broadcasts(value, leaf, path, name)
     return value
 
   return _paths.map_with_path(value_for, tree)
+
+
+def check_number(value: Any, path: _paths.Path, name: str) -> None:
+  """Raises unless ``value`` is a number or array of finite numbers (or not known yet)."""
+  where = f" for '{_paths.path_str(path)}'" if path else ""
+  if not _hyperparams.is_scalar_like(value):
+    raise ValueError(f"{name}{where} must be a number or an array, got {value!r}.")
+  v = _hyperparams.concrete(value)
+  if v is not None and not np.all(np.isfinite(v)):
+    raise ValueError(f"{name}{where} must be finite, got {value!r}.")
 
 
 def check_broadcasts(value: Any, leaf: Any, path: _paths.Path, name: str) -> None:

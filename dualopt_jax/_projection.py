@@ -110,6 +110,8 @@ def project_to_anchor(
   _anchor.check_dtype(anchor_dtype, name="project_to_anchor")
   global_radius, leaf_radius = _per_leaf.split_global(radius, name="project_to_anchor: radius")
   _hyperparams.check_at_least(global_radius, 0.0, name="project_to_anchor: radius")
+  if isinstance(layer_scale, (str, bytes)) or _hyperparams.is_scalar_like(layer_scale):
+    _hyperparams.check_at_least(layer_scale, 0.0, name="project_to_anchor: layer_scale")
   if _profile.is_per_leaf(leaf_radius):
     if _profile.is_per_leaf(layer_scale) or not np.all(np.asarray(layer_scale) == 1):
       raise ValueError(
