@@ -327,7 +327,8 @@ def test_lr_decay_reports_the_next_scale() -> None:
 @pytest.mark.parametrize(
   "kwargs, error, match",
   [
-    ({"per": "row"}, ValueError, "per must be one of"),
+    ({"granularity": "row"}, ValueError, "granularity must be one of"),
+    ({"granularity": "block", "groups": {"w": "a"}}, ValueError, "not both"),
     ({"params0": None}, ValueError, "pass params0"),
     ({"params0": None, "opt_state": optax.adam(1e-3).init({"w": jnp.ones(2)})}, ValueError,
      "no anchor"),
