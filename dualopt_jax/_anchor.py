@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -114,6 +115,17 @@ def store(x: chex.Array, anchor_dtype: Any) -> chex.Array:
   return _paths.on_value(copy, x)
 
 
+def _check_finite(x: Any, path: _paths.Path, what: str) -> None:
+  """Raises when a concrete float leaf holds NaN or inf (an anchor must be finite)."""
+  if not _paths.is_float_leaf(x) or isinstance(x, (jax.ShapeDtypeStruct, jax.core.Tracer)):
+    return
+  if not bool(jnp.all(jnp.isfinite(x))):
+    raise ValueError(
+      f"{what} holds NaN or inf at '{_paths.path_str(path)}'; the anchor the weights are pulled "
+      "toward must be finite."
+    )
+
+
 def init(
   params: optax.Params,
   params0: optax.Params | None,
@@ -131,7 +143,9 @@ def init(
   def anchor_leaf(path: _paths.Path, x: Any, *keep: bool) -> Any:
     if keep and not keep[0]:
       return optax.MaskedNode()
-    return store(x if table is None else table.get(path), anchor_dtype)
+    source = x if table is None else table.get(path)
+    _check_finite(source, path, "params0" if table is not None else "the params given to init")
+    return store(source, anchor_dtype)
 
   keeps = () if stored is None else (stored(params),)
   return _paths.map_with_path(anchor_leaf, params, *keeps)

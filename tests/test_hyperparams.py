@@ -142,3 +142,10 @@ def test_donated_steps_for_every_param_and_anchor_dtype(param_dtype, anchor_dtyp
   anchor = s[1].anchor["w"]
   assert anchor.dtype == (param_dtype if anchor_dtype is None else anchor_dtype)
   np.testing.assert_array_equal(np.asarray(anchor, np.float32), 1.0)  # never moves
+
+
+@pytest.mark.parametrize("name", list(ANCHORED))
+def test_an_anchor_with_nan_is_refused_naming_the_path(name: str) -> None:
+  params = {"w": jnp.array([1.0, jnp.nan]), "b": jnp.zeros(2)}
+  with pytest.raises(ValueError, match=r"NaN or inf at 'w'"):
+    ANCHORED[name]().init(params)
