@@ -167,13 +167,17 @@ def _adamw():
   return optax.adamw(LR, weight_decay=1e-2)
 
 
-def _depth_scale(path, leaf):
+def _depth_scale(params: Any) -> Any:
   """Linear block-depth profile, 1 at the embedding to 0 after the last block (for the chains)."""
-  del leaf
-  for key in path:
-    if isinstance(key, str) and key.startswith("layers_"):
-      return 1.0 - (int(key.split("_")[1]) + 1) / 25.0
-  return 1.0
+
+  def scale(key_path: Any, _leaf: Any) -> float:
+    for key in key_path:
+      name = getattr(key, "key", None)
+      if isinstance(name, str) and name.startswith("layers_"):
+        return 1.0 - (int(name.split("_")[1]) + 1) / 25.0
+    return 1.0
+
+  return jax.tree_util.tree_map_with_path(scale, params)
 
 
 def _chain_finetune(anchor_dtype=None):
@@ -255,9 +259,6 @@ def select_methods(names: Any = None) -> tuple[list[Method], list[str]]:
   """The requested methods that exist (adamw always first), and printable notes."""
   methods, notes = available_methods()
   wanted = list(names) if names else list(DEFAULT_METHODS)
-  if "dualopt_ft" in wanted and "dualopt_ft" not in methods:
-    # Core not landed yet: measure the building-block chains instead.
-    wanted += ["chain_ft", "chain_ft_bf16", "chain_scratch"]
   if "adamw" not in wanted:
     wanted.insert(0, "adamw")
   chosen = []
