@@ -119,6 +119,8 @@ def _check_finite(x: Any, path: _paths.Path, what: str) -> None:
   """Raises when a concrete float leaf holds NaN or inf (an anchor must be finite)."""
   if not _paths.is_float_leaf(x) or isinstance(x, (jax.ShapeDtypeStruct, jax.core.Tracer)):
     return
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return  # a global array of several processes: its value cannot be read here
   if not bool(jnp.all(jnp.isfinite(x))):
     raise ValueError(
       f"{what} holds NaN or inf at '{_paths.path_str(path)}'; the anchor the weights are pulled "
