@@ -121,7 +121,13 @@ def _check_finite(x: Any, path: _paths.Path, what: str) -> None:
     return
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return  # a global array of several processes: its value cannot be read here
-  if not bool(jnp.all(jnp.isfinite(x))):
+  with jax.ensure_compile_time_eval():  # a concrete value read inside jit/eval_shape of init
+    finite = jnp.all(jnp.isfinite(x))
+  try:
+    finite = bool(finite)
+  except jax.errors.ConcretizationTypeError:
+    return  # not known while tracing
+  if not finite:
     raise ValueError(
       f"{what} holds NaN or inf at '{_paths.path_str(path)}'; the anchor the weights are pulled "
       "toward must be finite."

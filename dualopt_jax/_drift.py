@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualopt_jax import _depths, _describe, _norms, _paths, _per_leaf, _profile
+from dualopt_jax import _depths, _describe, _norms, _paths, _profile
 from dualopt_jax._l2sp import L2SPState
 from dualopt_jax._projection import ProjectionState
 from dualopt_jax._rollback import RollbackState
@@ -40,9 +40,12 @@ def anchor_from_state(opt_state: Any) -> Any:
 
 def _named_groups(params: Any, groups: Any) -> dict[_paths.Path, tuple[str, Any]]:
   """Maps each path to ``(its name in groups, None)``."""
-  names = _per_leaf.resolve(groups, params, name="drift: groups")
+  table = _paths.PathTable(
+    groups(params) if callable(groups) else groups, name="drift: groups", prefix=True
+  )
   out = {}
-  for path, name in _paths.present_leaves(names):
+  for path, _leaf in _paths.present_leaves(params):
+    name = table.get(path)
     if not isinstance(name, str):
       raise ValueError(
         f"drift: groups for '{_paths.path_str(path)}' must be a str (the group's name), "
