@@ -63,20 +63,8 @@ class GridRun:
 
 
 def path_keys(key_path: Any) -> tuple:
-  """A ``jax.tree_util`` key path as a tuple of str/int keys: ``('backbone', 'Conv_0', 'bias')``."""
-  out: list[str | int] = []
-  for key in key_path:
-    if isinstance(key, jax.tree_util.DictKey):
-      out.append(key.key if isinstance(key.key, int) else str(key.key))
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      out.append(key.idx)
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      out.append(key.name)
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      out.append(key.key)
-    else:
-      out.append(str(key))
-  return tuple(out)
+  """A ``jax.tree_util`` key path as a tuple of keys: ``('backbone', 'Conv_0', 'bias')``."""
+  return tuple(jax.tree_util.keystr(tuple(key_path), simple=True, separator="/").split("/"))
 
 
 def drift_groups(
