@@ -149,3 +149,16 @@ def test_an_anchor_with_nan_is_refused_naming_the_path(name: str) -> None:
   params = {"w": jnp.array([1.0, jnp.nan]), "b": jnp.zeros(2)}
   with pytest.raises(ValueError, match=r"NaN or inf at 'w'"):
     ANCHORED[name]().init(params)
+
+
+def test_which_leaves_are_pulled_is_decided_by_the_params_dtype() -> None:
+  """Adam's float update for an integer param passes through; float params are pulled."""
+  params = {"w": jnp.ones(3), "step": jnp.zeros(3, jnp.int32)}
+  grads = {"w": jnp.ones(3), "step": jnp.ones(3, jnp.int32)}
+  plain = optax.adam(1.0)
+  pulled = optax.chain(optax.adam(1.0), dj.rollback_to(rate=0.5))
+  want, _ = plain.update(grads, plain.init(params), params)
+  got, _ = pulled.update(grads, pulled.init(params), params)
+  assert want["step"].dtype != jnp.int32  # the case: a float update of an integer param
+  np.testing.assert_array_equal(got["step"], want["step"])
+  np.testing.assert_allclose(got["w"], 0.5 * want["w"], rtol=1e-6)
