@@ -1,0 +1,266 @@
+"""Tunix: fine-tune a Llama-architecture model through Tunix's own trainer with ``dj.dualopt``.
+
+The model is Tunix's own ``tunix.models.llama3.model.Llama3`` at a tiny size with random weights
+(standing in for a downloaded checkpoint: nothing is downloaded). The text is Python's own: the
+help topics that ship with the standard library (``pydoc_data.topics``), as byte-level token ids.
+Training runs through ``tunix.sft.peft_trainer.PeftTrainer`` with its ``TrainingConfig``; the
+optimizer handed to it is ``dj.dualopt(...)``, and a Tunix ``TrainingHooks`` logs ``dj.drift``
+every ``--log-every`` steps.
+
+* ``--mode full``: full-weight fine-tuning; the trainer optimizes every ``nnx.Param``.
+* ``--mode lora``: LoRA adapters from Qwix (``qwix.LoraProvider`` + ``qwix.apply_lora_to_model``,
+  as Tunix's own examples do); the trainer then optimizes only the ``nnx.LoRAParam`` s, and
+  ``dj.dualopt(..., lora=...)`` rolls the adapters back.
+
+Needs Tunix's trainer stack: ``pip install -e ".[tunix]"`` (see README, "Using it with NNX and
+Tunix").
+
+  python examples/tunix_finetune.py --mode full
+  python examples/tunix_finetune.py --mode lora --steps 20 --log-every 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pydoc_data.topics import topics
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tunix.models.llama3 import model as llama3
+from tunix.sft import hooks, peft_trainer
+from tunix.sft import utils as sft_utils
+
+import dualopt_jax as dj
+
+PAD, BOS, OFFSET = 0, 1, 4     # token ids: 0 pad, 1 begin-of-sequence, 4 + byte value
+VOCAB = OFFSET + 256
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def encode(text: str) -> np.ndarray:
+  return OFFSET + np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+
+def text_batches(seq_len: int, batch: int, *, seed: int) -> tuple[list, list]:
+  """Train and held-out batches of ``TrainingInput`` from the pydoc help topics.
+
+  Topics are sorted by name and split 9:1 into train and held-out texts; every example is
+  ``BOS`` + ``seq_len - 1`` consecutive bytes of one topic (short topics are padded).
+  """
+  names = sorted(topics)
+  held_out = set(names[::10])
+  out = {}
+  rng = np.random.default_rng(seed)
+  for split, keep in (("train", lambda n: n not in held_out), ("eval", lambda n: n in held_out)):
+    rows, masks = [], []
+    for name in (n for n in names if keep(n)):
+      ids = encode(topics[name])
+      for start in range(0, len(ids), seq_len - 1):
+        chunk = ids[start:start + seq_len - 1]
+        row = np.full(seq_len, PAD, np.int32)
+        row[0], row[1:1 + len(chunk)] = BOS, chunk
+        rows.append(row)
+        masks.append(row != PAD)
+    order = rng.permutation(len(rows))
+    rows, masks = np.stack(rows)[order], np.stack(masks)[order]
+    out[split] = [peft_trainer.TrainingInput(input_tokens=rows[i:i + batch],
+                                             input_mask=masks[i:i + batch])
+                  for i in range(0, len(rows) - batch + 1, batch)]
+  return out["train"], out["eval"]
+
+
+def model_inputs(x: peft_trainer.TrainingInput) -> dict[str, Any]:
+  """TrainingInput -> the keyword inputs of Tunix's default loss (as Tunix's examples build)."""
+  return {"input_tokens": x.input_tokens, "input_mask": x.input_mask,
+          "positions": sft_utils.build_positions_from_mask(x.input_mask),
+          "attention_mask": sft_utils.make_causal_attn_mask(x.input_mask)}
+
+
+# --- model ----------------------------------------------------------------------------------------
+
+
+def tiny_llama(seed: int) -> llama3.Llama3:
+  """Tunix's Llama3 at a tiny size, every weight random (a stand-in for a checkpoint).
+
+  Tunix zero-initializes the MLP kernels (a fresh model to be loaded into); with all three zero
+  the MLP gets no gradient at all, so they are filled with N(0, 0.02^2) as a trained model's are.
+  """
+  config = llama3.ModelConfig(num_layers=2, vocab_size=VOCAB, embed_dim=64, hidden_dim=128,
+                              num_heads=4, head_dim=16, num_kv_heads=2, rope_theta=10_000,
+                              norm_eps=1e-5, weight_tying=False)
+  with flax.config.temp_flip_flag("always_shard_variable", False):  # no mesh here
+    model = llama3.Llama3(config, rngs=nnx.Rngs(seed))
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  leaves = [0.02 * jax.random.normal(k, x.shape, x.dtype) if not jnp.any(x) else x
+            for x, k in zip(leaves, keys, strict=True)]
+  nnx.update(model, jax.tree.unflatten(treedef, leaves))
+  return model
+
+
+def with_lora(model: llama3.Llama3, rank: int, seed: int) -> nnx.Module:
+  """Qwix LoRA on every attention and MLP projection, as Tunix's PEFT examples apply it."""
+  import qwix
+
+  provider = qwix.LoraProvider(module_path=".*q_einsum|.*kv_einsum|.*gate_proj|.*down_proj"
+                               "|.*up_proj|.*attn_vec_einsum", rank=rank, alpha=2.0 * rank)
+  example = model_inputs(peft_trainer.TrainingInput(input_tokens=jnp.ones((1, 8), jnp.int32),
+                                                     input_mask=jnp.ones((1, 8), bool)))
+  return qwix.apply_lora_to_model(model, provider, example["input_tokens"], example["positions"],
+                                  None, example["attention_mask"], rngs=nnx.Rngs(seed))
+
+
+def held_out_loss(model: nnx.Module, batches: list) -> float:
+  """Mean next-token cross-entropy over ``batches`` (the trainer's own eval loss, averaged)."""
+
+  @nnx.jit
+  def loss(model, x):
+    inputs = model_inputs(x)
+    logits, _ = model(inputs["input_tokens"], inputs["positions"], None,
+                      inputs["attention_mask"])
+    mask = inputs["input_mask"][:, 1:]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
+                                                          inputs["input_tokens"][:, 1:])
+    return jnp.sum(nll * mask) / jnp.sum(mask)
+
+  return float(np.mean([loss(model, x) for x in batches]))
+
+
+# --- logging through Tunix's hooks ----------------------------------------------------------------
+
+
+def unit_names(params: Any) -> Any:
+  """Groups for ``dj.drift``: one per top-level module, one per decoder layer (``layers/i``)."""
+
+  def name(path, _):
+    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return "/".join(keys[:2]) if keys[0] == "layers" else keys[0]
+
+  return jax.tree_util.tree_map_with_path(name, params)
+
+
+class DriftHooks(hooks.TrainingHooks):
+  """Logs ``dj.drift`` of the trained parameters every ``every`` steps."""
+
+  def __init__(self, every: int, wrt: type[nnx.Variable], print_fn=print):
+    self.every, self.wrt, self.print_fn = every, wrt, print_fn
+    self.history: list[dict[str, float]] = []
+
+  def on_train_step_end(self, train_ctx, train_step: int, train_loss: float) -> None:
+    if train_step % self.every:
+      return
+    params = nnx.state(train_ctx.model, self.wrt)
+    drift = dj.drift(params, train_ctx.optimizer.opt_state, groups=unit_names)
+    row = {"step": int(train_step), "loss": float(train_loss),
+           **{k: float(np.max(v)) for k, v in drift.items() if k.startswith("drift/")}}
+    self.history.append(row)
+    top = sorted((k for k in row if k.startswith("drift/")), key=row.get, reverse=True)[:4]
+    self.print_fn(f"  step {row['step']:4d}  loss {row['loss']:.3f}  largest drift: "
+                  + "  ".join(f"{k[len('drift/'):]} {row[k]:.4f}" for k in top))
+
+  def on_train_start(self, train_ctx) -> None:
+    pass
+
+  def on_train_end(self, train_ctx) -> None:
+    pass
+
+  def on_train_step_start(self, train_ctx) -> None:
+    pass
+
+  def on_eval_step_start(self, train_ctx) -> None:
+    pass
+
+  def on_eval_step_end(self, train_ctx, eval_loss: float) -> None:
+    pass
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def decoder_order(model: nnx.Module) -> Any:
+  """The model's forward order, from tracing one forward pass (nothing is computed)."""
+  example = model_inputs(peft_trainer.TrainingInput(input_tokens=jnp.ones((1, 8), jnp.int32),
+                                                     input_mask=jnp.ones((1, 8), bool)))
+  return dj.forward_order(model, example["input_tokens"], example["positions"], None,
+                          example["attention_mask"])
+
+
+def make_optimizer(args: argparse.Namespace, model: nnx.Module,
+                   order: Any) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10), args.steps)
+  if args.mode == "full":
+    return dj.dualopt(schedule, peak_learning_rate=args.lr, rollback=args.rollback, order=order)
+  # The trainer optimizes only the adapters (nnx.Optimizer(..., wrt=nnx.LoRAParam)): full_params
+  # gives every adapter its base weight's depth in the whole model. Rolling Qwix's B factors
+  # (<weight>_lora_b) toward 0 rolls the merged weight W0 + A B back toward W0.
+  return dj.dualopt(schedule, peak_learning_rate=args.lr, rollback=args.rollback, order=order,
+                    lora="**/*_lora_b", full_params=nnx.state(model, nnx.Param))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--mode", choices=("full", "lora"), default="full")
+  parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq-len", type=int, default=64)
+  parser.add_argument("--lr", type=float, default=None,
+                      help="peak learning rate (default 1e-3 full, 3e-3 lora)")
+  parser.add_argument("--rollback", type=float, default=0.01)
+  parser.add_argument("--lora-rank", type=int, default=4)
+  parser.add_argument("--log-every", type=int, default=20)
+  parser.add_argument("--eval-batches", type=int, default=8)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  if min(args.steps, args.log_every, args.batch, args.eval_batches) < 1 or args.seq_len < 2:
+    parser.error("--steps, --log-every, --batch, --eval-batches must be >= 1, --seq-len >= 2")
+  if args.lr is None:
+    args.lr = 1e-3 if args.mode == "full" else 3e-3
+
+  train, held_out = text_batches(args.seq_len, args.batch, seed=args.seed)
+  held_out = held_out[:args.eval_batches]
+  train = [train[i % len(train)] for i in range(args.steps)]
+  print(f"pydoc topics as bytes: {len(train)} train batches of {args.batch}x{args.seq_len}, "
+        f"{len(held_out)} held-out batches")
+
+  model = tiny_llama(args.seed)
+  base = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  if args.mode == "lora":
+    model = with_lora(model, args.lora_rank, args.seed)
+  wrt = nnx.LoRAParam if args.mode == "lora" else nnx.Param
+  # The names do not give the order inside a decoder layer (norms, attention, MLP), nor where
+  # final_norm and lm_head go: the forward pass does.
+  order = decoder_order(model)
+  tx = make_optimizer(args, model, order)
+  loss_before = held_out_loss(model, held_out)
+
+  trainer = peft_trainer.PeftTrainer(
+    model, tx, peft_trainer.TrainingConfig(eval_every_n_steps=args.steps, max_steps=args.steps,
+                                           pbar_description=None))
+  trainer = trainer.with_gen_model_input_fn(model_inputs)
+  log = DriftHooks(args.log_every, wrt)
+  trainer.with_training_hooks(log)
+  print(f"\nPeftTrainer ({args.mode}): dj.describe of its optimizer state")
+  table = dj.describe(nnx.state(model, wrt), trainer.optimizer.opt_state, print_fn=print)
+
+  trainer.train(train)
+  loss_after = held_out_loss(model, held_out)
+  print(f"\nheld-out loss (nats/byte): {loss_before:.3f} -> {loss_after:.3f} after "
+        f"{trainer.train_steps} steps ({args.mode})")
+  after_base = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return {"loss_before": loss_before, "loss_after": loss_after, "steps": trainer.train_steps,
+          "drift": log.history, "describe": table, "base": base, "after": after_base,
+          "train_loss": trainer.metrics_logger.get_metric_history("", "loss", "train")}
+
+
+if __name__ == "__main__":
+  main()
+  sys.exit(0)
