@@ -107,12 +107,15 @@ def tiny_llama(seed: int) -> llama3.Llama3:
   return model
 
 
+LORA_MODULES = ".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj"
+LORA_ALPHA = 2.0     # Qwix scales A B by alpha / rank; alpha = LORA_ALPHA * rank
+
+
 def with_lora(model: llama3.Llama3, rank: int, seed: int) -> nnx.Module:
   """Qwix LoRA on every attention and MLP projection, as Tunix's PEFT examples apply it."""
   import qwix
 
-  provider = qwix.LoraProvider(module_path=".*q_einsum|.*kv_einsum|.*gate_proj|.*down_proj"
-                               "|.*up_proj|.*attn_vec_einsum", rank=rank, alpha=2.0 * rank)
+  provider = qwix.LoraProvider(module_path=LORA_MODULES, rank=rank, alpha=LORA_ALPHA * rank)
   example = model_inputs(peft_trainer.TrainingInput(input_tokens=jnp.ones((1, 8), jnp.int32),
                                                      input_mask=jnp.ones((1, 8), bool)))
   return qwix.apply_lora_to_model(model, provider, example["input_tokens"], example["positions"],
@@ -138,28 +141,56 @@ def held_out_loss(model: nnx.Module, batches: list) -> float:
 # --- logging through Tunix's hooks ----------------------------------------------------------------
 
 
+def unit_of(path: str) -> str:
+  """A parameter's unit for ``dj.drift``'s groups: its top-level module, or ``layers/i``."""
+  keys = path.split("/")
+  return "/".join(keys[:2]) if keys[0] == "layers" else keys[0]
+
+
 def unit_names(params: Any) -> Any:
-  """Groups for ``dj.drift``: one per top-level module, one per decoder layer (``layers/i``)."""
+  """``unit_of`` for every leaf of an NNX state."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: unit_of("/".join(str(getattr(k, "key", getattr(k, "name", k)))
+                                     for k in path)), params)
 
-  def name(path, _):
-    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return "/".join(keys[:2]) if keys[0] == "layers" else keys[0]
 
-  return jax.tree_util.tree_map_with_path(name, params)
+def merged_lora_weights(model: nnx.Module) -> tuple[dict, dict]:
+  """``(W0 + alpha/r * A B, W0)`` for every Qwix-adapted weight, keyed by the weight's path.
+
+  The adapters' own state has no anchor (B starts at 0 and is rolled back toward 0), so what
+  the rollback holds near the pre-trained model is the merged weight, and that is what is
+  measured. Qwix's A holds the weight's input axes then the rank, B the rank then its output
+  axes, so ``A B`` is ``tensordot(A, B, 1)``, of the weight's shape.
+  """
+  flat = {"/".join(map(str, k)): v for k, v in
+          nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  merged, base = {}, {}
+  for path in (p for p in flat if p.endswith("_lora_b")):
+    name = path[: -len("_lora_b")]
+    a, b, w0 = flat[name + "_lora_a"][...], flat[path][...], flat[name][...]
+    delta = LORA_ALPHA * jnp.tensordot(a, b, axes=1)
+    if delta.shape != w0.shape:
+      raise ValueError(f"{name}: A B has shape {delta.shape}, the weight {w0.shape}")
+    merged[name], base[name] = w0 + delta, w0
+  return merged, base
 
 
 class DriftHooks(hooks.TrainingHooks):
   """Logs ``dj.drift`` of the trained parameters every ``every`` steps."""
 
-  def __init__(self, every: int, wrt: type[nnx.Variable], print_fn=print):
-    self.every, self.wrt, self.print_fn = every, wrt, print_fn
+  def __init__(self, every: int, lora: bool, print_fn=print):
+    self.every, self.lora, self.print_fn = every, lora, print_fn
     self.history: list[dict[str, float]] = []
 
   def on_train_step_end(self, train_ctx, train_step: int, train_loss: float) -> None:
     if train_step % self.every:
       return
-    params = nnx.state(train_ctx.model, self.wrt)
-    drift = dj.drift(params, train_ctx.optimizer.opt_state, groups=unit_names)
+    if self.lora:
+      merged, base = merged_lora_weights(train_ctx.model)
+      drift = dj.drift(merged, params0=base, groups={k: unit_of(k) for k in merged})
+    else:
+      params = nnx.state(train_ctx.model, nnx.Param)
+      drift = dj.drift(params, train_ctx.optimizer.opt_state, groups=unit_names)
     row = {"step": int(train_step), "loss": float(train_loss),
            **{k: float(np.max(v)) for k, v in drift.items() if k.startswith("drift/")}}
     self.history.append(row)
@@ -246,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tx, peft_trainer.TrainingConfig(eval_every_n_steps=args.steps, max_steps=args.steps,
                                            pbar_description=None))
   trainer = trainer.with_gen_model_input_fn(model_inputs)
-  log = DriftHooks(args.log_every, wrt)
+  log = DriftHooks(args.log_every, lora=args.mode == "lora")
   trainer.with_training_hooks(log)
   print(f"\nPeftTrainer ({args.mode}): dj.describe of its optimizer state")
   table = dj.describe(nnx.state(model, wrt), trainer.optimizer.opt_state, print_fn=print)

@@ -75,7 +75,7 @@ def test_nnx_finetuning_learns_the_new_task_and_rollback_holds_the_shallow_layer
   # gets the plain Adam step, so its drift is Adam's.
   assert nnx_run["drift"][0]["drift/conv1"] < last["drift/conv1"]
   adam = nnx_run["adam"]["drift"]
-  assert last["drift/conv1"] < 0.95 * adam["drift/conv1"]
+  assert last["drift/conv1"] < 0.97 * adam["drift/conv1"]          # measured: 0.91
   assert last["drift/conv1"] / adam["drift/conv1"] < last["drift/linear1"] / adam["drift/linear1"]
 
 
