@@ -1,8 +1,10 @@
 """Tunix: fine-tune a Llama-architecture model through Tunix's own trainer with ``dj.dualopt``.
 
-The model is Tunix's own ``tunix.models.llama3.model.Llama3`` at a tiny size with random weights
-(standing in for a downloaded checkpoint: nothing is downloaded). The text is Python's own: the
-help topics that ship with the standard library (``pydoc_data.topics``), as byte-level token ids.
+The model is Tunix's own ``tunix.models.llama3.model.Llama3`` at a tiny size, pre-trained here for a
+few steps with plain Adam on one half of a text (standing in for a downloaded checkpoint: nothing
+is downloaded), then fine-tuned on the other half. The text is Python's own: the help topics that
+ship with the standard library (``pydoc_data.topics``), as byte-level token ids, the topics
+alternating between the two halves. Held-out loss on both is printed before and after.
 Training runs through ``tunix.sft.peft_trainer.PeftTrainer`` with its ``TrainingConfig``; the
 optimizer handed to it is ``dj.dualopt(...)``, and a Tunix ``TrainingHooks`` logs ``dj.drift``
 every ``--log-every`` steps.
@@ -49,19 +51,22 @@ def encode(text: str) -> np.ndarray:
   return OFFSET + np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
 
-def text_batches(seq_len: int, batch: int, *, seed: int) -> tuple[list, list]:
-  """Train and held-out batches of ``TrainingInput`` from the pydoc help topics.
+def text_batches(seq_len: int, batch: int, *, seed: int) -> dict[str, list]:
+  """Batches of ``TrainingInput`` from the pydoc help topics, for two tasks.
 
-  Topics are sorted by name and split 9:1 into train and held-out texts; every example is
-  ``BOS`` + ``seq_len - 1`` consecutive bytes of one topic (short topics are padded).
+  Topics sorted by name alternate between the upstream (pre-training) and the downstream
+  (fine-tuning) text; within each, every 10th topic is held out. Every example is ``BOS`` +
+  ``seq_len - 1`` consecutive bytes of one topic (short topics are padded). Keys:
+  ``up_train``, ``up_eval``, ``down_train``, ``down_eval``.
   """
   names = sorted(topics)
-  held_out = set(names[::10])
   out = {}
   rng = np.random.default_rng(seed)
-  for split, keep in (("train", lambda n: n not in held_out), ("eval", lambda n: n in held_out)):
+  for split in ("up_train", "up_eval", "down_train", "down_eval"):
+    task = names[0::2] if split.startswith("up") else names[1::2]
+    held_out = split.endswith("eval")
     rows, masks = [], []
-    for name in (n for n in names if keep(n)):
+    for name in (n for i, n in enumerate(task) if (i % 10 == 0) == held_out):
       ids = encode(topics[name])
       for start in range(0, len(ids), seq_len - 1):
         chunk = ids[start:start + seq_len - 1]
@@ -74,7 +79,7 @@ def text_batches(seq_len: int, batch: int, *, seed: int) -> tuple[list, list]:
     out[split] = [peft_trainer.TrainingInput(input_tokens=rows[i:i + batch],
                                              input_mask=masks[i:i + batch])
                   for i in range(0, len(rows) - batch + 1, batch)]
-  return out["train"], out["eval"]
+  return out
 
 
 def model_inputs(x: peft_trainer.TrainingInput) -> dict[str, Any]:
@@ -240,7 +245,9 @@ def make_optimizer(args: argparse.Namespace, model: nnx.Module,
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--mode", choices=("full", "lora"), default="full")
-  parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--pretrain-steps", type=int, default=100,
+                      help="plain-Adam steps on the upstream text first (0: none)")
+  parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq-len", type=int, default=64)
   parser.add_argument("--lr", type=float, default=None,
@@ -251,18 +258,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--eval-batches", type=int, default=8)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  if min(args.steps, args.log_every, args.batch, args.eval_batches) < 1 or args.seq_len < 2:
-    parser.error("--steps, --log-every, --batch, --eval-batches must be >= 1, --seq-len >= 2")
+  if (min(args.steps, args.log_every, args.batch, args.eval_batches) < 1 or args.seq_len < 2
+      or args.pretrain_steps < 0):
+    parser.error("--steps, --log-every, --batch, --eval-batches must be >= 1, --seq-len >= 2, "
+                 "--pretrain-steps >= 0")
   if args.lr is None:
     args.lr = 1e-3 if args.mode == "full" else 3e-3
 
-  train, held_out = text_batches(args.seq_len, args.batch, seed=args.seed)
-  held_out = held_out[:args.eval_batches]
-  train = [train[i % len(train)] for i in range(args.steps)]
-  print(f"pydoc topics as bytes: {len(train)} train batches of {args.batch}x{args.seq_len}, "
-        f"{len(held_out)} held-out batches")
+  data = text_batches(args.seq_len, args.batch, seed=args.seed)
+  held_out = {task: data[f"{task}_eval"][:args.eval_batches] for task in ("up", "down")}
+  print("pydoc topics as bytes, batches of "
+        f"{args.batch}x{args.seq_len}: " + ", ".join(f"{k} {len(v)}" for k, v in data.items()))
+
+  def evaluate(model):
+    return {"upstream": held_out_loss(model, held_out["up"]),
+            "downstream": held_out_loss(model, held_out["down"])}
+
+  def steps_of(batches, n):
+    return [batches[i % len(batches)] for i in range(n)]
 
   model = tiny_llama(args.seed)
+  if args.pretrain_steps:
+    # A stand-in for a real checkpoint: plain Adam on the upstream text, through the trainer.
+    pre = peft_trainer.PeftTrainer(
+      model, optax.adam(1e-3), peft_trainer.TrainingConfig(
+        eval_every_n_steps=args.pretrain_steps, max_steps=args.pretrain_steps,
+        pbar_description=None)).with_gen_model_input_fn(model_inputs)
+    pre.train(steps_of(data["up_train"], args.pretrain_steps))
+    print(f"pre-trained {args.pretrain_steps} steps (plain Adam): held-out loss "
+          + ", ".join(f"{k} {v:.3f}" for k, v in evaluate(model).items()))
   base = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   if args.mode == "lora":
     model = with_lora(model, args.lora_rank, args.seed)
@@ -271,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   # final_norm and lm_head go: the forward pass does.
   order = decoder_order(model)
   tx = make_optimizer(args, model, order)
-  loss_before = held_out_loss(model, held_out)
+  before = evaluate(model)
 
   trainer = peft_trainer.PeftTrainer(
     model, tx, peft_trainer.TrainingConfig(eval_every_n_steps=args.steps, max_steps=args.steps,
@@ -282,12 +306,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print(f"\nPeftTrainer ({args.mode}): dj.describe of its optimizer state")
   table = dj.describe(nnx.state(model, wrt), trainer.optimizer.opt_state, print_fn=print)
 
-  trainer.train(train)
-  loss_after = held_out_loss(model, held_out)
-  print(f"\nheld-out loss (nats/byte): {loss_before:.3f} -> {loss_after:.3f} after "
-        f"{trainer.train_steps} steps ({args.mode})")
+  trainer.train(steps_of(data["down_train"], args.steps))
+  after = evaluate(model)
+  print(f"\nafter {trainer.train_steps} fine-tuning steps ({args.mode}), held-out loss "
+        "(nats/byte):")
+  for task in ("upstream", "downstream"):
+    print(f"  {task:10s} {before[task]:.3f} -> {after[task]:.3f}")
   after_base = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  return {"loss_before": loss_before, "loss_after": loss_after, "steps": trainer.train_steps,
+  return {"before": before, "after_loss": after, "steps": trainer.train_steps,
           "drift": log.history, "describe": table, "base": base, "after": after_base,
           "train_loss": trainer.metrics_logger.get_metric_history("", "loss", "train")}
 
