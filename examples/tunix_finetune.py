@@ -12,7 +12,7 @@ every ``--log-every`` steps.
 * ``--mode full``: full-weight fine-tuning; the trainer optimizes every ``nnx.Param``.
 * ``--mode lora``: LoRA adapters from Qwix (``qwix.LoraProvider`` + ``qwix.apply_lora_to_model``,
   as Tunix's own examples do); the trainer then optimizes only the ``nnx.LoRAParam`` s, and
-  ``dj.dualopt(..., lora=...)`` rolls the adapters back.
+  ``dj.dualopt(..., lora=...)`` rolls the merged weights ``W0 + A B`` back toward ``W0``.
 
 Needs Tunix's trainer stack: ``pip install -e ".[tunix]"`` (see README, "Using it with NNX and
 Tunix").
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import qwix
 from flax import nnx
 from tunix.models.llama3 import model as llama3
 from tunix.sft import hooks, peft_trainer
@@ -93,7 +94,7 @@ def model_inputs(x: peft_trainer.TrainingInput) -> dict[str, Any]:
 
 
 def tiny_llama(seed: int) -> llama3.Llama3:
-  """Tunix's Llama3 at a tiny size, every weight random (a stand-in for a checkpoint).
+  """Tunix's Llama3 at a tiny size with random weights (``main`` pre-trains it a little).
 
   Tunix zero-initializes the MLP kernels (a fresh model to be loaded into); with all three zero
   the MLP gets no gradient at all, so they are filled with N(0, 0.02^2) as a trained model's are.
@@ -118,8 +119,6 @@ LORA_ALPHA = 2.0     # Qwix scales A B by alpha / rank; alpha = LORA_ALPHA * ran
 
 def with_lora(model: llama3.Llama3, rank: int, seed: int) -> nnx.Module:
   """Qwix LoRA on every attention and MLP projection, as Tunix's PEFT examples apply it."""
-  import qwix
-
   provider = qwix.LoraProvider(module_path=LORA_MODULES, rank=rank, alpha=LORA_ALPHA * rank)
   example = model_inputs(peft_trainer.TrainingInput(input_tokens=jnp.ones((1, 8), jnp.int32),
                                                      input_mask=jnp.ones((1, 8), bool)))
@@ -128,7 +127,7 @@ def with_lora(model: llama3.Llama3, rank: int, seed: int) -> nnx.Module:
 
 
 def held_out_loss(model: nnx.Module, batches: list) -> float:
-  """Mean next-token cross-entropy over ``batches`` (the trainer's own eval loss, averaged)."""
+  """Mean next-token cross-entropy over ``batches`` (the trainer's default loss, per batch)."""
 
   @nnx.jit
   def loss(model, x):
