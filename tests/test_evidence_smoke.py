@@ -7,6 +7,7 @@ the numbers rest on are checked against independent computations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -257,3 +258,23 @@ def test_wise_ft_interpolates_backbone_and_keeps_the_new_head():
   np.testing.assert_allclose(mixed["backbone"]["Dense_0"]["kernel"],
                              p0["backbone"]["Dense_0"]["kernel"] + 0.25, atol=1e-6)
   np.testing.assert_array_equal(mixed["head"]["kernel"], ft["head"]["kernel"])
+
+
+def test_large_lm_caches_pretrained_weights_by_content(tmp_path, monkeypatch):
+  from evidence import large_lm
+
+  monkeypatch.setenv("DUALOPT_CACHE", str(tmp_path))
+  cfg = large_lm.LargeConfig(seeds=2, d=16, n_layers=1, heads=2, context=8, batch=4,
+                             up_chars=20_000, pretrain_steps=3, finetune_steps=2, eval_windows=4,
+                             chunk=2)
+  names = ("adam", "wise_ft", "dualopt_default")
+  first = large_lm.run(cfg, names=names, progress=False, log=lambda _s: None)
+  assert all(first["methods"][n]["status"] == "ok" for n in names)
+  assert len(list(tmp_path.glob("large_lm-*.msgpack"))) == 1
+  again = large_lm.run(cfg, names=("adam",), progress=False, log=lambda _s: None)
+  assert again["pretrain"]["seconds"] == 0.0  # read from the cache, not trained
+  assert again["pretrain"]["up_test_loss"] == first["pretrain"]["up_test_loss"]
+  other = dataclasses.replace(cfg, pretrain_steps=4)
+  assert large_lm.content_hash(other, np.zeros(3, np.int32)) != large_lm.content_hash(
+    cfg, np.zeros(3, np.int32))
+  assert "dualopt_default" in large_lm.table(first)
