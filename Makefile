@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs docs-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,examples]"
+	$(PY) -m pip install --quiet -e ".[test,examples,docs]"
 	$(PY) -m pip install --quiet --no-deps google-tunix==0.1.7
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
@@ -26,5 +26,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/compile_time.py
 
+# The documentation site, offline: warnings are errors, every reference must resolve.
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -W -n --keep-going -b html docs docs/_build/html
+
+# Renders pages in headless Chromium and checks every internal link (needs `chromium`).
+docs-check: docs
+	$(PY) docs/check_site.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache docs/_build

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests._markdown import python_block_after
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _python_block_after(heading: str) -> str:
-  text = README.read_text()
-  start = text.index("```python", text.index(heading)) + len("```python")
-  return text[start : text.index("```", start)]
+  return python_block_after(README, heading)
 
 
 @pytest.fixture(scope="module")
