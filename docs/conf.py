@@ -28,6 +28,8 @@ extensions = [
   "sphinx.ext.autodoc",
   "sphinx.ext.napoleon",
   "sphinx.ext.mathjax",
+  # MathJax served from the built site instead of a CDN: equations render offline.
+  "sphinx-mathjax-offline",
   "myst_parser",
 ]
 
