@@ -95,7 +95,6 @@ def test_merged_weights_follow_full_weight_rollback_at_every_step(dtype: str) ->
     tokens = jax.random.randint(jax.random.key(1), (STEPS, 8), 0, VOCAB)
     targets = jax.random.normal(jax.random.key(2), (STEPS, 8, N_OUT), jdtype)
 
-    @jax.jit
     def grads_at(p, t):
       def loss(p):
         out = nnx.merge(graphdef, p, frozen)(tokens[t])
@@ -104,10 +103,19 @@ def test_merged_weights_follow_full_weight_rollback_at_every_step(dtype: str) ->
       return jax.grad(loss)(p)
 
     @jax.jit
-    def step(p, s, g):
-      updates, s = tx.update(g, s, p)
-      return optax.apply_updates(p, updates), s
+    def trajectory(p, s):
+      """Every step's params before, gradients and params after (one compiled scan)."""
 
+      def body(carry, t):
+        p, s = carry
+        g = grads_at(p, t)
+        updates, s = tx.update(g, s, p)
+        new = optax.apply_updates(p, updates)
+        return (new, s), (p, g, new)
+
+      return jax.lax.scan(body, (p, s), jnp.arange(STEPS))[1]
+
+    history = jax.tree.map(np.asarray, trajectory(params, opt_state))
     # Depths of the base weights in the full-weight tree (head left out): embed 0,
     # layers/i (i+1)/4, final_norm 1 -> multipliers f + (1 - d)^p (1 - f).
     mult = lambda d: FLOOR + (1 - d) ** POWER * (1 - FLOOR)
@@ -121,14 +129,13 @@ def test_merged_weights_follow_full_weight_rollback_at_every_step(dtype: str) ->
     tol = dict(rtol=2e-5, atol=2e-6) if dtype == "float32" else dict(rtol=1e-11, atol=1e-13)
     worst = 0.0
     for t in range(STEPS):
-      g = grads_at(params, t)
+      params, g, new_params = jax.tree.map(lambda x, t=t: x[t], history)
       post = {}
       for n in names:
         m, v = moments[n]
         delta, m, v = _np_adam(m, v, _leaf(g, *n), t, lr(t))
         moments[n] = (m, v)
         post[n] = _leaf(params, *n) + delta
-      new_params, opt_state = step(params, opt_state, g)
       fraction = ROLLBACK * lr(t) / PEAK
       for i in range(N_LAYERS):
         lam = fraction * mult((i + 1) / 4)
@@ -149,7 +156,6 @@ def test_merged_weights_follow_full_weight_rollback_at_every_step(dtype: str) ->
         _leaf(new_params, "head", "kernel"), post[("head", "kernel")], **tol,
         err_msg=f"head, step {t}",
       )
-      params = new_params
     assert np.abs(_leaf(params, "layers", 0, "lora", "lora_b")).max() > 1e-3  # it trained
     assert worst < (1e-5 if dtype == "float32" else 1e-12)
 
@@ -204,3 +210,185 @@ def test_adapters_alone_without_full_params_raise() -> None:
   tx = dj.dualopt(1e-3, lora="**/lora_b")
   with pytest.raises(ValueError, match="full_params"):
     tx.init(nnx.as_pure(nnx.state(model, nnx.LoRAParam)))
+
+
+# --- depths: an adapter takes its base weight's depth in the full-weight tree ---------------------
+
+
+class WrappedNet(nnx.Module):
+  """Embedding, blocks that are ``nnx.LoRA(base_module=nnx.Linear)`` (or the Linear alone), head."""
+
+  def __init__(self, rngs: nnx.Rngs, lora: bool = True):
+    self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+    linears = [nnx.Linear(D, D, rngs=rngs) for _ in range(N_LAYERS)]
+    self.layers = nnx.List([
+      nnx.LoRA(D, RANK, D, base_module=lin, rngs=rngs) if lora else lin for lin in linears
+    ])
+    self.final_norm = nnx.LayerNorm(D, rngs=rngs)
+    self.head = nnx.Linear(D, N_OUT, rngs=rngs)
+
+  def __call__(self, tokens):
+    h = self.embed(tokens)
+    for layer in self.layers:
+      h = jnp.tanh(layer(h))
+    return self.head(self.final_norm(h))
+
+
+def _seen_depths(tx, adapters) -> dict[str, float]:
+  """Depth per path as the optimizer state holds it (``dj.describe``), for the B factors."""
+  rows = dj.describe(adapters, tx.init(adapters))
+  return {r["path"]: r["depth"] for r in rows if r["depth"] is not None}
+
+
+def _close(seen: dict[str, float], expected: dict[str, float]) -> None:
+  assert set(seen) == set(expected), (sorted(seen), sorted(expected))
+  for path, depth in expected.items():
+    np.testing.assert_allclose(seen[path], depth, rtol=1e-6, err_msg=path)
+
+
+def _depth_of(depths, path: str):
+  node = depths
+  for k in path.split("/"):
+    node = node[int(k) if k.isdigit() else k]
+  return node
+
+
+@pytest.mark.parametrize("granularity", ["block", "tensor"])
+@pytest.mark.parametrize("kind", ["LoRALinear", "LoRA(base_module)"])
+def test_nnx_adapter_depths_equal_their_base_weights_depths(kind: str, granularity: str) -> None:
+  tokens = jnp.array([[1, 2, 3]])
+  if kind == "LoRALinear":
+    model = LoRANet(nnx.Rngs(0))
+    base_of = lambda i: f"layers/{i}/kernel"
+    b_of = lambda i: f"layers/{i}/lora/lora_b"
+    # The full-weight tree: the same model without adapters (nnx.LoRALinear's kernel path is
+    # nnx.Linear's): build it from nnx.Linear layers.
+    plain = LoRANet(nnx.Rngs(0))
+    plain.layers = nnx.List([nnx.Linear(D, D, rngs=nnx.Rngs(0)) for _ in range(N_LAYERS)])
+  else:
+    model = WrappedNet(nnx.Rngs(0))
+    base_of = lambda i: f"layers/{i}/base_module/kernel"
+    b_of = lambda i: f"layers/{i}/lora_b"
+    plain = WrappedNet(nnx.Rngs(0), lora=False)
+    plain.layers = nnx.List([nnx.Module() for _ in range(N_LAYERS)])
+    for i in range(N_LAYERS):
+      plain.layers[i].base_module = nnx.Linear(D, D, rngs=nnx.Rngs(0))
+  settings = {"granularity": granularity}
+  if granularity == "tensor":
+    settings["order"] = dj.forward_order(model, tokens)
+  full_weight = nnx.state(plain, nnx.Param)
+  ref_settings = dict(settings)
+  if granularity == "tensor":
+    forward = lambda p, x: nnx.merge(nnx.graphdef(model), p, nnx.state(model, nnx.LoRAParam))(x)
+    base_only = nnx.state(model, nnx.Not(nnx.LoRAParam))
+    ref_settings["order"] = dj.forward_order(forward, base_only, tokens)
+    full_weight = base_only
+  expected_tree = dj.layer_depths(nnx.as_pure(full_weight), **ref_settings)
+  expected = {b_of(i): float(_depth_of(expected_tree, base_of(i))) for i in range(N_LAYERS)}
+  adapters = nnx.as_pure(nnx.state(model, nnx.LoRAParam))
+  tx = dj.dualopt(1e-3, lora="**/lora_b", full_params=nnx.state(model, nnx.Param), **settings)
+  _close(_seen_depths(tx, adapters), expected)
+  # nnx.Optimizer(wrt=nnx.LoRAParam): the optimizer sees only the adapters and gets the same.
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+  rows = dj.describe(nnx.state(model, nnx.LoRAParam), optimizer.opt_state)
+  _close({r["path"]: r["depth"] for r in rows if r["depth"] is not None}, expected)
+
+
+def _tunix_llama3(lora: bool):
+  """tunix's Llama3 (tiny config, random weights), with Qwix LoRA on every projection."""
+  from tests import _zoo
+
+  lm = _zoo._tunix_module("models.llama3.model")
+  config = lm.ModelConfig(num_layers=2, vocab_size=50, embed_dim=16, hidden_dim=32, num_heads=2,
+                          head_dim=8, num_kv_heads=1, rope_theta=10_000, norm_eps=1e-5,
+                          weight_tying=False)
+  model = _zoo._tunix_build(lambda: lm.Llama3(config, rngs=nnx.Rngs(0)))
+  tokens, positions, mask = _zoo._lm_inputs()
+  if lora:
+    qwix = pytest.importorskip("qwix", reason="the Qwix test needs qwix (pip install qwix)")
+    provider = qwix.LoraProvider(module_path=".*_proj", rank=2, alpha=4.0)
+    model = qwix.apply_lora_to_model(model, provider, tokens, positions, None, mask,
+                                     rngs=nnx.Rngs(1))
+  return model, (tokens, positions, None, mask)
+
+
+@pytest.fixture(scope="module")
+def llama3_pair():
+  """(Qwix-LoRA'd tunix Llama3, the same model without adapters, its example inputs)."""
+  model, inputs = _tunix_llama3(lora=True)
+  plain, _ = _tunix_llama3(lora=False)
+  return model, plain, inputs
+
+
+@pytest.mark.parametrize("granularity", ["block", "tensor"])
+def test_qwix_adapter_depths_equal_their_base_weights_depths(llama3_pair, granularity) -> None:
+  model, plain, inputs = llama3_pair
+  adapters = nnx.as_pure(nnx.state(model, nnx.LoRAParam))
+  b_paths = [
+    "/".join(str(getattr(k, "key", k)) for k in kp)
+    for kp, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]
+  ]
+  b_paths = [p for p in b_paths if p.endswith("_lora_b")]
+  assert len(b_paths) == 14  # q, k, v, o, gate, up, down in 2 layers
+  settings, ref_settings = {"granularity": granularity}, {"granularity": granularity}
+  if granularity == "tensor":  # names do not order a transformer block's tensors
+    call = lambda m, *x: m(*x)[0]
+    settings["order"] = dj.forward_order(lambda p, *x: call(nnx.merge(nnx.graphdef(model), p), *x),
+                                         nnx.state(model), *inputs)
+    ref_settings["order"] = dj.forward_order(
+      lambda p, *x: call(nnx.merge(nnx.graphdef(plain), p), *x), nnx.state(plain), *inputs)
+  expected_tree = dj.layer_depths(nnx.as_pure(nnx.state(plain, nnx.Param)), **ref_settings)
+  expected = {p: float(_depth_of(expected_tree, p[: -len("_lora_b")])) for p in b_paths}
+  assert len(set(expected.values())) == (2 if granularity == "block" else 14)
+  tx = dj.dualopt(1e-3, lora="**/*_lora_b", full_params=nnx.state(model, nnx.Param), **settings)
+  _close(_seen_depths(tx, adapters), expected)
+
+
+# --- SPD's adapter mode (the authors' PEFT choice: anchor 0 on the adapter parameters) ------------
+
+
+def test_spd_adapter_mode_stores_no_anchor_and_decays_the_factors_toward_zero() -> None:
+  model = LoRANet(nnx.Rngs(0))
+  params = nnx.as_pure(nnx.state(model, nnx.Any(nnx.LoRAParam, nnx.PathContains("final_norm"))))
+  lr, strength, steps = 1e-2, 0.5, 60
+  tx = dj.spd(optax.adam(lr), strength=strength, decay_to_zero="**/lora_*")
+  state = tx.init(params)
+  anchored = {
+    "/".join(str(getattr(k, "key", k)) for k in kp)
+    for kp, _ in jax.tree_util.tree_flatten_with_path(state.anchor)[0]
+  }
+  assert anchored == {"final_norm/bias", "final_norm/scale"}, anchored
+  # A NumPy transcription of Adam + SPD (ALGORITHMS.md §3) with anchor 0 for the factors.
+  # g = s_t (theta - anchor) + (1 - |s_t|) noise_t, s_t in {1, -1, 0}: the gates open and close.
+  rng = np.random.default_rng(3)
+  flat, treedef = jax.tree_util.tree_flatten(params)
+  signs = [rng.choice([1.0, -1.0, 0.0], size=steps) for _ in flat]
+  noise = [rng.normal(size=(steps, *x.shape)) for x in flat]
+  grad = lambda t, i, x, a: signs[i][t] * (x - a) + (1 - abs(signs[i][t])) * noise[i][t]
+  paths = ["/".join(str(getattr(k, "key", k)) for k in kp)
+           for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  theta = [np.asarray(x, np.float64) for x in flat]
+  anchors = [np.zeros_like(x) if "lora" in p else x.copy() for p, x in zip(paths, theta)]
+  m = [np.zeros_like(x) for x in theta]
+  v = [np.zeros_like(x) for x in theta]
+  p_jax, decayed = params, 0
+  for t in range(steps):
+    grads = [grad(t, i, x, a) for i, (x, a) in enumerate(zip(theta, anchors))]
+    for i, g in enumerate(grads):
+      delta, m[i], v[i] = _np_adam(m[i], v[i], g, t, lr)
+      prev, cand = theta[i] - anchors[i], theta[i] + delta - anchors[i]
+      if -np.sum(g * prev) < 0:
+        n_cand, n_prev = np.linalg.norm(cand), np.linalg.norm(prev)
+        r = 0.0 if n_cand == 0 else min(max((n_cand - n_prev) / n_cand, 0.0), 1.0)
+        decayed += r > 0 and "lora" in paths[i]
+        cand = cand - strength * r * cand
+      theta[i] = cand + anchors[i]
+    g_jax = jax.tree_util.tree_unflatten(treedef, [
+      grad(t, i, np.asarray(x, np.float64), a).astype(np.float32)
+      for i, (x, a) in enumerate(zip(jax.tree.leaves(p_jax), anchors))
+    ])
+    updates, state = tx.update(g_jax, state, p_jax)
+    p_jax = optax.apply_updates(p_jax, updates)
+  assert decayed >= 10
+  for path, got, want in zip(paths, jax.tree.leaves(p_jax), theta):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5, err_msg=path)
