@@ -368,12 +368,14 @@ def test_spd_adapter_mode_stores_no_anchor_and_decays_the_factors_toward_zero() 
   paths = ["/".join(str(getattr(k, "key", k)) for k in kp)
            for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   theta = [np.asarray(x, np.float64) for x in flat]
-  anchors = [np.zeros_like(x) if "lora" in p else x.copy() for p, x in zip(paths, theta)]
+  anchors = [
+    np.zeros_like(x) if "lora" in p else x.copy() for p, x in zip(paths, theta, strict=True)
+  ]
   m = [np.zeros_like(x) for x in theta]
   v = [np.zeros_like(x) for x in theta]
   p_jax, decayed = params, 0
   for t in range(steps):
-    grads = [grad(t, i, x, a) for i, (x, a) in enumerate(zip(theta, anchors))]
+    grads = [grad(t, i, x, a) for i, (x, a) in enumerate(zip(theta, anchors, strict=True))]
     for i, g in enumerate(grads):
       delta, m[i], v[i] = _np_adam(m[i], v[i], g, t, lr)
       prev, cand = theta[i] - anchors[i], theta[i] + delta - anchors[i]
@@ -385,10 +387,10 @@ def test_spd_adapter_mode_stores_no_anchor_and_decays_the_factors_toward_zero() 
       theta[i] = cand + anchors[i]
     g_jax = jax.tree_util.tree_unflatten(treedef, [
       grad(t, i, np.asarray(x, np.float64), a).astype(np.float32)
-      for i, (x, a) in enumerate(zip(jax.tree.leaves(p_jax), anchors))
+      for i, (x, a) in enumerate(zip(jax.tree.leaves(p_jax), anchors, strict=True))
     ])
     updates, state = tx.update(g_jax, state, p_jax)
     p_jax = optax.apply_updates(p_jax, updates)
   assert decayed >= 10
-  for path, got, want in zip(paths, jax.tree.leaves(p_jax), theta):
+  for path, got, want in zip(paths, jax.tree.leaves(p_jax), theta, strict=True):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5, err_msg=path)
