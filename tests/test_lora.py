@@ -394,3 +394,60 @@ def test_spd_adapter_mode_stores_no_anchor_and_decays_the_factors_toward_zero() 
   assert decayed >= 10
   for path, got, want in zip(paths, jax.tree.leaves(p_jax), theta, strict=True):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5, err_msg=path)
+
+
+def test_olor_with_lora_rolls_b_back_by_its_base_weights_tensor_index() -> None:
+  """olor: λ = η κ_i with i the base kernel's index among the full model's tensors."""
+  model = LoRANet(nnx.Rngs(0))
+  tokens = jnp.array([[1, 2, 3, 4]])
+  lr, kappa_max, steps = 1e-2, 5.0, 4
+  tx = dj.olor(lr, back_level_max=kappa_max, back_pow=1.0, lora="**/lora_b",
+               order=dj.forward_order(model, tokens), full_params=nnx.state(model, nnx.Param))
+  graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
+  params = nnx.as_pure(params)
+  state = tx.init(params)
+  # Full-weight tensors in forward order: embedding 0, layers/i kernel 1 + 2i, bias 2 + 2i,
+  # final_norm scale 7, bias 8, head kernel 9, bias 10 -> N = 10.
+  kappa = ref.olor_kappa(11, kappa_max, 0.0, 1.0)
+  names = [(i, k) for i in range(N_LAYERS) for k in ("lora_a", "lora_b")]
+  moments = {n: (np.zeros((D, RANK) if n[1] == "lora_a" else (RANK, D)),) * 2 for n in names}
+  loss = lambda p: jnp.mean(nnx.merge(graphdef, p, frozen)(tokens) ** 2)
+  for t in range(steps):
+    g = jax.grad(loss)(params)
+    updates, state = tx.update(g, state, params)
+    new = optax.apply_updates(params, updates)
+    for i, k in names:
+      m, v = moments[(i, k)]
+      delta, m, v = _np_adam(m, v, _leaf(g, "layers", i, "lora", k), t, lr)
+      moments[(i, k)] = (m, v)
+      post = _leaf(params, "layers", i, "lora", k) + delta
+      want = post if k == "lora_a" else (1 - lr * kappa[1 + 2 * i]) * post
+      np.testing.assert_allclose(_leaf(new, "layers", i, "lora", k), want, rtol=2e-5, atol=1e-7,
+                                 err_msg=f"step {t}, layers/{i}/{k}")
+    params = new
+
+
+def test_rollback_to_decay_to_zero_stores_no_anchor_and_restores_strictly() -> None:
+  params = {"a": jnp.full(3, 2.0), "b": jnp.full(3, 2.0)}
+  tx = optax.chain(optax.sgd(0.0), dj.rollback_to(rate=0.25, decay_to_zero="b"))
+  state = tx.init(params)
+  assert isinstance(state[1].anchor["b"], optax.MaskedNode)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["a"], 2.0)  # at its anchor: nothing to roll back
+  np.testing.assert_allclose(new["b"], 1.5)  # 25 % of the way to 0
+  other = optax.chain(optax.sgd(0.0), dj.rollback_to(rate=0.25))
+  with pytest.raises(ValueError, match="holds no anchor for 'b'"):
+    other.update(jax.tree.map(jnp.zeros_like, params), state, params)
+
+
+def test_full_params_may_be_abstract() -> None:
+  """Only paths and shapes of full_params are read: an abstract model gives the same depths."""
+  model = LoRANet(nnx.Rngs(0))
+  abstract = nnx.eval_shape(lambda: LoRANet(nnx.Rngs(0)))
+  adapters = nnx.as_pure(nnx.state(model, nnx.LoRAParam))
+  concrete_tx = dj.dualopt(1e-3, lora="**/lora_b", full_params=nnx.state(model, nnx.Param))
+  abstract_tx = dj.dualopt(1e-3, lora="**/lora_b", full_params=nnx.state(abstract, nnx.Param))
+  seen = _seen_depths(abstract_tx, adapters)
+  assert seen == _seen_depths(concrete_tx, adapters)
+  assert [seen[f"layers/{i}/lora/lora_b"] for i in range(N_LAYERS)] == [0.25, 0.5, 0.75]
