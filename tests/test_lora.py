@@ -451,3 +451,29 @@ def test_full_params_may_be_abstract() -> None:
   seen = _seen_depths(abstract_tx, adapters)
   assert seen == _seen_depths(concrete_tx, adapters)
   assert [seen[f"layers/{i}/lora/lora_b"] for i in range(N_LAYERS)] == [0.25, 0.5, 0.75]
+
+
+def test_qwix_model_through_nnx_optimizer_rolls_b_back_and_leaves_a_plain(llama3_pair) -> None:
+  """One step with nnx.Optimizer(wrt=nnx.LoRAParam), as tunix's PeftTrainer builds it."""
+  model, _, inputs = llama3_pair
+  model = nnx.clone(model)
+  lr, rollback = 1e-2, 0.2
+  tx = dj.dualopt(lr, rollback=rollback, lora="**/*_lora_b",
+                  full_params=nnx.state(model, nnx.Param))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+  loss = lambda m: jnp.mean(m(*inputs)[0] ** 2)
+  grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+  before = nnx.as_pure(nnx.state(model, nnx.LoRAParam))
+  optimizer.update(model, grads)
+  after = nnx.as_pure(nnx.state(model, nnx.LoRAParam))
+  flat = lambda t: {jax.tree_util.keystr(k): np.asarray(x, np.float64)
+                    for k, x in jax.tree_util.tree_flatten_with_path(t)[0]}
+  g, b0, b1 = flat(nnx.as_pure(grads)), flat(before), flat(after)
+  depth = {"0": 1 / 3, "1": 2 / 3}  # embedder 0, layers/0, layers/1, final_norm + lm_head 1
+  for key, x0 in b0.items():
+    post = x0 - lr * g[key] / (np.abs(g[key]) + 1e-8)  # Adam's first step: m̂ = g, v̂ = g²
+    layer = key.split("[")[2].rstrip("]")
+    lam = rollback * (1 - depth[layer])
+    want = post if key.endswith("_lora_a']") else (1 - lam) * post
+    np.testing.assert_allclose(b1[key], want, rtol=1e-4, atol=1e-6, err_msg=key)
+  assert any(np.abs(v).max() > 0 for k, v in b1.items() if k.endswith("_lora_b']"))
