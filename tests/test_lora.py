@@ -57,6 +57,12 @@ def _np_adam(m, v, g, t, eta):
   return -eta * m_hat / (np.sqrt(v_hat) + 1e-8), m, v
 
 
+def _applied(tx, params, state, grads):
+  """``(params + updates, new state)`` of one ``tx.update``."""
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
 def _schedule(dtype: str):
   """Optax's warmup-cosine; in float64 the same curve in float64 (Optax's is float32 always)."""
   if dtype == "float32":
@@ -374,6 +380,7 @@ def test_spd_adapter_mode_stores_no_anchor_and_decays_the_factors_toward_zero() 
   m = [np.zeros_like(x) for x in theta]
   v = [np.zeros_like(x) for x in theta]
   p_jax, decayed = params, 0
+  step = jax.jit(lambda p, s, g: _applied(tx, p, s, g))
   for t in range(steps):
     grads = [grad(t, i, x, a) for i, (x, a) in enumerate(zip(theta, anchors, strict=True))]
     for i, g in enumerate(grads):
@@ -389,8 +396,7 @@ def test_spd_adapter_mode_stores_no_anchor_and_decays_the_factors_toward_zero() 
       grad(t, i, np.asarray(x, np.float64), a).astype(np.float32)
       for i, (x, a) in enumerate(zip(jax.tree.leaves(p_jax), anchors, strict=True))
     ])
-    updates, state = tx.update(g_jax, state, p_jax)
-    p_jax = optax.apply_updates(p_jax, updates)
+    p_jax, state = step(p_jax, state, g_jax)
   assert decayed >= 10
   for path, got, want in zip(paths, jax.tree.leaves(p_jax), theta, strict=True):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5, err_msg=path)
@@ -412,10 +418,9 @@ def test_olor_with_lora_rolls_b_back_by_its_base_weights_tensor_index() -> None:
   names = [(i, k) for i in range(N_LAYERS) for k in ("lora_a", "lora_b")]
   moments = {n: (np.zeros((D, RANK) if n[1] == "lora_a" else (RANK, D)),) * 2 for n in names}
   loss = lambda p: jnp.mean(nnx.merge(graphdef, p, frozen)(tokens) ** 2)
+  step = jax.jit(lambda p, s: (jax.grad(loss)(p), *_applied(tx, p, s, jax.grad(loss)(p))))
   for t in range(steps):
-    g = jax.grad(loss)(params)
-    updates, state = tx.update(g, state, params)
-    new = optax.apply_updates(params, updates)
+    g, new, state = step(params, state)
     for i, k in names:
       m, v = moments[(i, k)]
       delta, m, v = _np_adam(m, v, _leaf(g, "layers", i, "lora", k), t, lr)
