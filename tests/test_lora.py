@@ -482,3 +482,31 @@ def test_qwix_model_through_nnx_optimizer_rolls_b_back_and_leaves_a_plain(llama3
     want = post if key.endswith("_lora_a']") else (1 - lam) * post
     np.testing.assert_allclose(b1[key], want, rtol=1e-4, atol=1e-6, err_msg=key)
   assert any(np.abs(v).max() > 0 for k, v in b1.items() if k.endswith("_lora_b']"))
+
+
+def test_drift_reports_the_merged_weights_drift_of_each_adapter() -> None:
+  model = LoRANet(nnx.Rngs(0))
+  for i, layer in enumerate(model.layers):  # nonzero B, so that A B is not 0
+    layer.lora.lora_b[...] = jax.random.normal(jax.random.key(i), (RANK, D)) * 0.1
+  trainable = nnx.as_pure(nnx.state(model, nnx.Any(nnx.LoRAParam, nnx.PathContains("final_norm"))))
+  full = nnx.as_pure(nnx.state(model, nnx.Param))
+  tx = dj.dualopt(1e-3, lora="**/lora_b", full_params=full)
+  state = tx.init(trainable)
+  out = jax.jit(lambda p, s, f: dj.drift(p, s, lora="**/lora_b", full_params=f))(
+    trainable, state, full)
+  for i in range(N_LAYERS):
+    a = _leaf(trainable, "layers", i, "lora", "lora_a")
+    b = _leaf(trainable, "layers", i, "lora", "lora_b")
+    w0 = _leaf(full, "layers", i, "kernel")
+    want = np.linalg.norm(a @ b) / np.linalg.norm(w0)
+    np.testing.assert_allclose(out[f"drift/layers/{i}/lora/lora_b"], want, rtol=1e-5)
+    assert f"rollback/layers/{i}/lora/lora_b" in out
+    assert f"drift/layers/{i}/lora/lora_a" not in out
+  np.testing.assert_allclose(out["drift/final_norm/scale"], 0.0)  # at its anchor
+  adapters = nnx.as_pure(nnx.state(model, nnx.LoRAParam))  # adapters only: no anchor at all
+  only = dj.drift(adapters, dj.dualopt(1e-3, lora="**/lora_b", full_params=full).init(adapters),
+                  lora="**/lora_b", full_params=full)
+  assert sorted(k for k in only if k.startswith("drift/")) == [
+    f"drift/layers/{i}/lora/lora_b" for i in range(N_LAYERS)]
+  with pytest.raises(ValueError, match="lora and full_params go together"):
+    dj.drift(adapters, params0=adapters, lora="**/lora_b")
