@@ -467,9 +467,15 @@ def test_qwix_model_through_nnx_optimizer_rolls_b_back_and_leaves_a_plain(llama3
                   full_params=nnx.state(model, nnx.Param))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
   loss = lambda m: jnp.mean(m(*inputs)[0] ** 2)
-  grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
   before = nnx.as_pure(nnx.state(model, nnx.LoRAParam))
-  optimizer.update(model, grads)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    optimizer.update(model, grads)
+    return grads
+
+  grads = train_step(model, optimizer)
   after = nnx.as_pure(nnx.state(model, nnx.LoRAParam))
   flat = lambda t: {jax.tree_util.keystr(k): np.asarray(x, np.float64)
                     for k, x in jax.tree_util.tree_flatten_with_path(t)[0]}
