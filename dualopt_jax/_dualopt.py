@@ -9,7 +9,7 @@ from typing import Any, Literal
 import jax
 import optax
 
-from dualopt_jax import _hyperparams, _masks
+from dualopt_jax import _depths, _hyperparams, _lora, _masks, _paths
 from dualopt_jax._profile import LayerProfile, as_tuple
 from dualopt_jax._rollback import layerwise_decay, rollback_to
 
@@ -113,6 +113,42 @@ def not_head(head: Any, *, name: str) -> Callable[[Any], Any] | None:
   return lambda tree: jax.tree.map(lambda is_head: not is_head, selects_head(tree))
 
 
+def _lora_patterns(lora: Any, *, name: str) -> tuple[str, ...] | None:
+  if lora is None:
+    return None
+  pats = _paths.patterns(lora, name=f"{name}: lora")
+  if not pats:
+    raise ValueError(f"{name}: lora must name at least one pattern (or be None), got {lora!r}.")
+  return tuple(p.text for p in pats)
+
+
+def _full_shapes(full_params: Any, head: Any, *, name: str) -> Any:
+  """``((path, shape), ...)`` of ``full_params`` without the head (the depths' source)."""
+  if full_params is None:
+    return None
+  tree = full_params if head is None else _depths.without(full_params, head, name=f"{name}: head")
+  shapes = _lora.shapes(tree)
+  if not shapes:
+    raise ValueError(f"{name}: full_params holds no parameter.")
+  return shapes
+
+
+def _rolled_back(head: Any, lora: tuple[str, ...] | None, *, name: str) -> Any:
+  """The mask of the leaves the rollback covers: not the head, not a LoRA A factor."""
+  if lora is None:
+    return not_head(head, name=f"{name}: head")
+  pats = _paths.patterns(lora, name=f"{name}: lora")
+  selects_head = None if head is None else _masks.mask_callable(head, name=f"{name}: head")
+
+  def mask(tree: Any) -> Any:
+    _, is_a = _lora.adapter_flags(pats, tree, name=f"{name}: lora")
+    if selects_head is None:
+      return jax.tree.map(lambda a: not a, is_a)
+    return jax.tree.map(lambda a, h: not (a or h), is_a, selects_head(tree))
+
+  return mask
+
+
 def dualopt(
   learning_rate: optax.ScalarOrSchedule,
   *,
@@ -134,6 +170,8 @@ def dualopt(
   peak_learning_rate: float | None = None,
   decay_profile: Literal["shallow", "deep", "flat"] | None = None,
   decay_follows_lr: bool | None = None,
+  lora: str | Sequence[str] | None = None,
+  full_params: Any = None,
 ) -> optax.GradientTransformation:
   r"""DualOpt: Adam (or SGD) with paradigm-aware per-layer rollback or decay.
 
@@ -162,6 +200,23 @@ def dualopt(
     with :math:`\omega` = ``weight_decay``, :math:`c_t = \eta_t/\eta_{peak}` if
     ``decay_follows_lr`` else 1, and :math:`s_i = (1 - d_i)^p` (``"shallow"``),
     :math:`d_i^p` (``"deep"``) or 1 (``"flat"``).
+  * ``lora=`` (fine-tune mode; LoRA, :math:`W = W_0 + A B` with :math:`W_0`
+    frozen and only the factors trained): with :math:`\hat A_t, \hat B_t` the
+    factors after the plain step, the selected ``B`` factors are rolled back
+    toward 0, :math:`B_t = (1 - \lambda_{i,t})\hat B_t`, and their ``A``
+    factors keep the plain step, :math:`A_t = \hat A_t`. Then
+
+    .. math::
+      W_t - W_0 = A_t B_t = (1 - \lambda_{i,t})\,\hat A_t \hat B_t
+      = (1 - \lambda_{i,t})(\hat W_t - W_0),
+
+    exactly the rollback of the merged weight :math:`\hat W_t = W_0 + \hat A_t
+    \hat B_t` toward :math:`W_0`, with no anchor stored for the adapters (the
+    anchor of :math:`A B` is 0), and :math:`\lambda_{i,t}` the one the base
+    weight would get: an adapter takes its base weight's depth in the
+    full-weight tree (``full_params`` with the adapters left out). Every
+    other leaf the optimizer sees (a fully trained norm, say) keeps the
+    rollback toward its stored anchor; the head gets the plain step.
 
   Args:
     learning_rate: scalar or Optax schedule.
@@ -202,6 +257,22 @@ def dualopt(
       ``"deep"`` or ``"flat"``.
     decay_follows_lr: scratch mode: whether the decay follows the lr schedule
       (default True).
+    lora: fine-tune mode: glob patterns selecting the LoRA ``B`` factors
+      (``"**/lora_b"`` for ``nnx.LoRA``/``nnx.LoRALinear``, ``"**/*_lora_b"``
+      for Qwix's ``<weight>_lora_b``): rolled back toward 0 (no anchor
+      stored), their ``A`` factors (the sibling named ``...a`` instead of
+      ``...b``) get the plain step. Each pattern must match; a selected leaf
+      whose name does not end in ``b`` raises. See the math above.
+    full_params: the full-weight tree the depths come from (e.g.
+      ``nnx.state(model, nnx.Param)``, base weights and adapters; arrays or
+      ``jax.ShapeDtypeStruct`` s; only paths and shapes are read). Needed when
+      the optimizer sees only part of the model (``nnx.Optimizer(...,
+      wrt=nnx.LoRAParam)``), so that every leaf gets the depth it has in the
+      whole model; with ``lora``, an adapter gets its base weight's depth
+      (``x/lora/lora_b`` -> ``x/kernel``; ``x/kernel_lora_b`` -> ``x/kernel``).
+      ``None``: the depths come from the tree given to ``init``. ``head``
+      is left out of it too; a ``head`` pattern must still match a leaf the
+      optimizer sees (a frozen head is no head: leave ``head`` out).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -215,6 +286,34 @@ def dualopt(
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state, params)
 
+    LoRA on an NNX model, the optimizer seeing only the adapters:
+
+    >>> from flax import nnx
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.embed = nnx.Embed(8, 4, rngs=rngs)
+    ...     self.layers = nnx.List(
+    ...       [nnx.LoRALinear(4, 4, lora_rank=2, rngs=rngs) for _ in range(2)])
+    ...     self.head = nnx.Linear(4, 2, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     h = self.embed(x)
+    ...     for layer in self.layers:
+    ...       h = layer(h)
+    ...     return self.head(h)
+    >>> model = Net(nnx.Rngs(0))
+    >>> tx = dj.dualopt(1e-3, lora='**/lora_b', full_params=nnx.state(model, nnx.Param))
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+    >>> loss = lambda m: jnp.mean(m(jnp.array([1, 2])) ** 2)
+    >>> grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    >>> _ = optimizer.update(model, grads)
+    >>> print(dj.describe(nnx.state(model, nnx.LoRAParam), optimizer.opt_state))
+    path                  shape  depth   multiplier  rollback/step
+    --------------------  -----  ------  ----------  -------------
+    layers/0/lora/lora_b  2x4    0.3333  0.6667      0.006667
+    layers/1/lora/lora_b  2x4    0.6667  0.3333      0.003333
+    layers/0/lora/lora_a  4x2    -       -           -
+    layers/1/lora/lora_a  4x2    -       -           -
+
   References:
     Ning, Li et al., "DualOpt: decoupled optimization for scratch and
     fine-tuning", 2026; Huang, Li et al., "One Step Learning, One Step Review"
@@ -222,6 +321,14 @@ def dualopt(
   """
   _check_choice("mode", mode, MODES)
   _check_choice("granularity", granularity, ("block", "tensor"))
+  if mode == "scratch" and lora is not None:
+    raise ValueError(
+      "dualopt: lora is read only with mode='finetune' (it rolls the merged weights W0 + B A "
+      "back toward the frozen W0); scratch mode has no pre-trained weights. Remove it, or "
+      "change the mode."
+    )
+  lora_t = _lora_patterns(lora, name="dualopt")
+  full = _full_shapes(full_params, head, name="dualopt")
   own = _own_settings("mode", mode, _MODE_DEFAULTS, {
     "rollback": rollback, "rollback_floor": rollback_floor, "weight_decay": weight_decay,
     "decay_profile": decay_profile, "decay_follows_lr": decay_follows_lr,
@@ -237,14 +344,18 @@ def dualopt(
   base = _base_optimizer(optimizer, learning_rate, name="dualopt", b1=b1, b2=b2, eps=eps,
                          momentum=momentum)
   order_t, stacked_t = as_tuple(order), as_tuple(stacked)
-  mask = not_head(head, name="dualopt: head")
+  mask = _rolled_back(head, lora_t, name="dualopt")
   if mode == "finetune":
     rollback, rollback_floor = own["rollback"], own["rollback_floor"]
     _check_fraction("rollback", rollback)
     _check_fraction("rollback_floor", rollback_floor)
-    profile = LayerProfile(1.0, rollback_floor, power, granularity, order_t, stacked_t)
+    profile = LayerProfile(
+      1.0, rollback_floor, power, granularity, order_t, stacked_t, lora=lora_t, full=full
+    )
     rate = _following_lr(rollback, learning_rate, peak_learning_rate, name="rollback")
-    pull = rollback_to(rate=rate, layer_scale=profile, mask=mask, anchor_dtype=anchor_dtype)
+    pull = rollback_to(
+      rate=rate, layer_scale=profile, mask=mask, anchor_dtype=anchor_dtype, decay_to_zero=lora_t
+    )
   else:
     weight_decay, decay_profile = own["weight_decay"], own["decay_profile"]
     decay_follows_lr = own["decay_follows_lr"]
@@ -252,7 +363,7 @@ def dualopt(
     _check_choice("decay_profile", decay_profile, DECAY_PROFILES)
     end = 1.0 if decay_profile == "flat" else 0.0
     flip = decay_profile == "deep"
-    profile = LayerProfile(1.0, end, power, granularity, order_t, stacked_t, flip)
+    profile = LayerProfile(1.0, end, power, granularity, order_t, stacked_t, flip, full=full)
     rate = (
       _following_lr(weight_decay, learning_rate, peak_learning_rate, name="weight_decay")
       if decay_follows_lr
@@ -277,6 +388,8 @@ def olor(
   order: Any = None,
   stacked: str | Sequence[str] | None = None,
   anchor_dtype: Any = None,
+  lora: str | Sequence[str] | None = None,
+  full_params: Any = None,
 ) -> optax.GradientTransformation:
   r"""OLOR with the authors' AdamB constructor semantics.
 
@@ -314,6 +427,10 @@ def olor(
       glob patterns, input to output (see ``layer_depths``).
     stacked: glob patterns of stacked-layer subtrees.
     anchor_dtype: store the anchor at this dtype.
+    lora: glob patterns selecting LoRA ``B`` factors, rolled back toward 0
+      (no anchor), their ``A`` factors plain (see :func:`dualopt`).
+    full_params: the full-weight tree the tensor indices come from (see
+      :func:`dualopt`); an adapter takes its base weight's index.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -333,11 +450,13 @@ def olor(
   _hyperparams.check_at_least(learning_rate, 0.0, name="olor: learning_rate")
   base = _base_optimizer(optimizer, learning_rate, name="olor", b1=b1, b2=b2, eps=eps,
                          momentum=momentum)
+  lora_t = _lora_patterns(lora, name="olor")
   profile = LayerProfile(
-    back_level_max, back_level_min, back_pow, "tensor", as_tuple(order), as_tuple(stacked)
+    back_level_max, back_level_min, back_pow, "tensor", as_tuple(order), as_tuple(stacked),
+    lora=lora_t, full=_full_shapes(full_params, head, name="olor"),
   )
   pull = rollback_to(
-    rate=learning_rate, layer_scale=profile, mask=not_head(head, name="olor: head"),
-    anchor_dtype=anchor_dtype,
+    rate=learning_rate, layer_scale=profile, mask=_rolled_back(head, lora_t, name="olor"),
+    anchor_dtype=anchor_dtype, decay_to_zero=lora_t,
   )
   return optax.chain(base, pull)

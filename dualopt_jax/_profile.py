@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualopt_jax import _depths, _hyperparams, _paths, _per_leaf
+from dualopt_jax import _depths, _hyperparams, _lora, _paths, _per_leaf
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,12 @@ class LayerProfile:
     stacked: glob patterns naming stacked-layer subtrees.
     flip: measure depth from the output side (``d -> 1 - d``), so ``start``
       applies to the deepest layer.
+    lora: glob patterns selecting LoRA ``B`` factors: each factor (and its
+      ``A`` factor) takes the depth of the base weight it adapts, computed
+      with the adapters left out of the tree (see ``dualopt``'s ``lora``).
+    full: the tree the depths come from, as ``((path, shape), ...)`` (from
+      ``dualopt``'s ``full_params``); ``None``: the tree given to ``init``.
+      Every leaf given to ``init`` must be in it.
 
   Example:
     >>> import jax.numpy as jnp
@@ -69,6 +75,8 @@ class LayerProfile:
   order: Any = None
   stacked: Any = None
   flip: bool = False
+  lora: tuple[str, ...] | None = None
+  full: tuple[tuple[tuple[str | int, ...], tuple[int, ...]], ...] | None = None
 
   def __post_init__(self) -> None:
     for label in ("start", "end", "power"):
@@ -85,17 +93,62 @@ class LayerProfile:
       _paths.patterns(self.order, name="order")
     if self.stacked is not None:
       _paths.patterns(self.stacked, name="stacked")
+    if self.lora is not None:
+      texts = tuple(p.text for p in _paths.patterns(self.lora, name="lora"))
+      object.__setattr__(self, "lora", texts)
+    if self.full is not None:
+      object.__setattr__(self, "full", tuple(self.full))
 
   @property
   def tag(self) -> str:
     """The name of the depth settings (the key of the depths in the optimizer state)."""
-    return _depths.settings_tag(self.granularity, self.order, self.stacked)
+    tag = _depths.settings_tag(self.granularity, self.order, self.stacked)
+    if self.lora is None and self.full is None:
+      return tag
+    digest = hashlib.sha1(repr((self.lora, self.full)).encode()).hexdigest()[:8]
+    return f"{tag}_lora_{digest}" if self.lora is not None else f"{tag}_full_{digest}"
 
   def depths(self, tree: Any) -> dict[_paths.Path, Any]:
     """Depth per path of ``tree``'s present leaves (see ``layer_depths``)."""
-    return _depths.depth_table(
-      tree, granularity=self.granularity, order=self.order, stacked=self.stacked
+    if self.lora is None and self.full is None:
+      return _depths.depth_table(
+        tree, granularity=self.granularity, order=self.order, stacked=self.stacked
+      )
+    return self._depths_from_base_weights(tree)
+
+  def _depths_from_base_weights(self, tree: Any) -> dict[_paths.Path, Any]:
+    """Depths from ``full`` (or ``tree``) without the adapters; an adapter gets its base's."""
+    source = _lora.nested(self.full) if self.full is not None else tree
+    adapters: set[_paths.Path] = set()
+    if self.lora is not None:
+      pats = _paths.patterns(self.lora, name="lora")
+      bs = _lora.b_paths(pats, source, name="lora")
+      adapters = set(bs) | {_lora.a_path(b) for b in bs}
+    weights = {p: s for p, s in _lora.shapes(source) if p not in adapters}
+    if not weights:
+      raise ValueError(
+        "lora: the tree the depths come from holds only adapters; pass the full-weight tree "
+        "(full_params=nnx.state(model, nnx.Param)) so that each adapter takes its base "
+        "weight's depth."
+      )
+    table = _depths.depth_table(
+      _lora.nested(tuple(weights.items())), granularity=self.granularity, order=self.order,
+      stacked=self.stacked,
     )
+    out: dict[_paths.Path, Any] = {}
+    for path, _ in _paths.present_leaves(tree):
+      key_ = _paths.canonical(path)
+      if key_ in adapters:
+        out[path] = table[_lora.base_weight(key_, weights, name="lora")]
+      elif key_ in table:
+        out[path] = table[key_]
+      else:
+        raise ValueError(
+          f"full_params has no parameter '{_paths.path_str(path)}', which the optimizer "
+          "updates; full_params must hold every parameter the optimizer sees (with the "
+          "frozen base weights)."
+        )
+    return out
 
   def multiplier(self, depth: Any) -> Any:
     """The profile's value at ``depth`` in [0, 1] (float32; traceable)."""

@@ -82,7 +82,10 @@ def _pull_all(updates: Any, params: Any, scales: Any, rate_t: Any, anchor: Any =
   """``_pull_toward`` on every leaf (toward ``anchor``, or 0); MaskedNodes pass through."""
 
   def one(u: Any, p: Any, s: Any, *a: Any) -> Any:
-    return u if _paths.is_masked_node(u) else _pull_toward(u, p, a[0] if a else None, rate_t * s)
+    if _paths.is_masked_node(u):
+      return u
+    toward = a[0] if a and not _paths.is_masked_node(a[0]) else None  # MaskedNode: anchor 0
+    return _pull_toward(u, p, toward, rate_t * s)
 
   rest = () if anchor is None else (anchor,)
   return jax.tree.map(one, updates, params, scales, *rest, is_leaf=_paths.is_masked_node)
@@ -95,6 +98,7 @@ def rollback_to(
   layer_scale: Any = 1.0,
   mask: Any = None,
   anchor_dtype: Any = None,
+  decay_to_zero: Any = None,
 ) -> optax.GradientTransformation:
   r"""Pulls the post-step weights back toward an anchor (OLOR weight rollback).
 
@@ -126,6 +130,11 @@ def rollback_to(
       ``params -> pytree of bools``, or glob patterns over ``'a/b/c'`` paths.
       Masked-out leaves store no anchor.
     anchor_dtype: store the anchor at this dtype (e.g. ``jnp.bfloat16``).
+    decay_to_zero: leaves rolled back toward 0 instead of their anchor (pytree
+      of bools, ``params -> bools`` callable or glob patterns); they store no
+      anchor. A LoRA ``B`` factor is one: its anchor is 0, and rolling it back
+      by :math:`\lambda` rolls the merged weight :math:`W_0 + BA` back toward
+      :math:`W_0` by :math:`\lambda` (see ``dualopt``'s ``lora``).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`RollbackState`.
@@ -148,10 +157,24 @@ def rollback_to(
   """
   _hyperparams.check_fraction_range(rate, layer_scale, name="rollback_to")
   _anchor.check_dtype(anchor_dtype, name="rollback_to")
+  if decay_to_zero is True and params0 is not None:
+    raise ValueError(
+      "rollback_to: params0 is given but decay_to_zero=True rolls every leaf back toward 0; "
+      "give one, not both."
+    )
+  stored = None if decay_to_zero is None else (
+    lambda params: jax.tree.map(
+      lambda zero: zero if _paths.is_masked_node(zero) else not zero,
+      _masks.flags(decay_to_zero, params, name="rollback_to: decay_to_zero"),
+      is_leaf=_paths.is_masked_node,
+    )
+  )
 
   def init_fn(params: optax.Params) -> RollbackState:
-    anchor = _anchor.init(params, params0, anchor_dtype=anchor_dtype)
-    scales = _profile.init_layer_scale(layer_scale, params, name="rollback_to: layer_scale")
+    anchor = _anchor.init(params, params0, anchor_dtype=anchor_dtype, stored=stored)
+    scales = _profile.init_layer_scale(
+      layer_scale, params, name="rollback_to: layer_scale", mark_coverage=stored is not None
+    )
     _check_scales_in_range(scales, rate, name="rollback_to")
     count = jnp.zeros([], jnp.int32)
     return RollbackState(count, anchor, scales, _rate_state(rate, count, "rollback_to"))
@@ -162,7 +185,9 @@ def rollback_to(
     rate_t, scales = _profile.at_step(
       rate, layer_scale, state, updates, name="rollback_to", label="rate", fraction=True
     )
-    _anchor.check_restored(state.anchor, params, name="rollback_to")
+    _anchor.check_restored(
+      state.anchor, params, name="rollback_to", stored=None if stored is None else stored(params)
+    )
     new_updates = _pull_all(updates, params, scales, rate_t, state.anchor)
     count = optax.safe_increment(state.count)
     new_state = RollbackState(
