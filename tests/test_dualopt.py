@@ -111,8 +111,13 @@ def _cast(tree: dict, dtype: str) -> dict:
 @pytest.fixture(params=["float32", "float64"])
 def dtype(request):
   """Runs the test body in float32, and in float64 with x64 enabled."""
-  with jax.enable_x64(request.param == "float64"):
+  # The config flag, not the `jax.enable_x64` context (absent from the oldest JAX we support).
+  before = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", request.param == "float64")
+  try:
     yield request.param
+  finally:
+    jax.config.update("jax_enable_x64", before)
 
 
 @pytest.mark.parametrize(
