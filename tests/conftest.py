@@ -1,7 +1,6 @@
 """Test set-up: 8 CPU devices for the multi-device tests, set before JAX initializes."""
 
 import os
-from importlib.metadata import version
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The model zoos (tests/_zoo.py) build Hugging Face models from configs; never reach for a hub.
@@ -10,11 +9,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["JAX_NUM_CPU_DEVICES"] = os.environ.get("JAX_NUM_CPU_DEVICES", "8")
 # On 2 cores the CPU client has one thread per simulated device; under load an 8-device
-# collective can wait for threads far longer than XLA's default 40 s before aborting. The flag
-# exists from jaxlib 0.8.0 on; older XLA aborts at start-up on a flag it does not know
-# (`make test-min` runs the oldest jaxlib pyproject allows).
-_jaxlib = tuple(int(part) for part in version("jaxlib").split(".")[:2])
-if _jaxlib >= (0, 8) and "collective_call_terminate_timeout" not in os.environ.get("XLA_FLAGS", ""):
+# collective can wait for threads far longer than XLA's default 40 s before aborting.
+if "collective_call_terminate_timeout" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
   ).strip()

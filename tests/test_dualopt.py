@@ -111,13 +111,8 @@ def _cast(tree: dict, dtype: str) -> dict:
 @pytest.fixture(params=["float32", "float64"])
 def dtype(request):
   """Runs the test body in float32, and in float64 with x64 enabled."""
-  # The config flag, not the `jax.enable_x64` context (absent from the oldest JAX we support).
-  before = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", request.param == "float64")
-  try:
+  with jax.enable_x64(request.param == "float64"):
     yield request.param
-  finally:
-    jax.config.update("jax_enable_x64", before)
 
 
 @pytest.mark.parametrize(
