@@ -369,7 +369,8 @@ def dualopt(
       if decay_follows_lr
       else weight_decay
     )
-    pull = layerwise_decay(rate=rate, layer_scale=profile, mask=mask)
+    # `own` fills weight_decay from the scratch defaults, so it is never None here.
+    pull = layerwise_decay(rate=rate, layer_scale=profile, mask=mask)  # pyright: ignore[reportArgumentType]
   return optax.chain(base, pull)
 
 

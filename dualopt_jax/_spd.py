@@ -159,6 +159,7 @@ def spd(
     new_updates = _paths.map_with_path(
       leaf, inner_updates, updates, params, state.anchor, flags, st_flags
     )
-    return new_updates, SPDState(optax.safe_increment(state.count), inner_state, state.anchor)
+    return new_updates, SPDState(_hyperparams.increment(state.count), inner_state, state.anchor)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # update_fn takes this transformation's own state; Optax's protocol types it OptState.
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
