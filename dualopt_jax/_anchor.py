@@ -14,6 +14,7 @@ from typing import Any
 
 import chex
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax

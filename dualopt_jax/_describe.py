@@ -105,7 +105,7 @@ def _value_for(strength: Strength, table: str, path: _paths.Path) -> Any:
 
 
 class LayerTable(list):
-  """The rows :func:`describe` returns; ``str()`` formats them as a table."""
+  """The rows :func:`~dualopt_jax.describe` returns; ``str()`` formats them as a table."""
 
   def __str__(self) -> str:
     return format_table(list(self))
@@ -150,13 +150,14 @@ def describe(
       is printed and ``str(table)`` gives the text.
 
   Returns:
-    A :class:`LayerTable` (a list) of dicts, ordered by depth then path, with
-    keys ``path``, ``shape``, ``depth`` (``None`` where the state holds no
-    depth, e.g. the head), ``multiplier`` (the layer-scale multiplier) and one
-    key per transformation kind present -- ``rollback`` and ``decay`` (the
-    fraction of the way to the anchor / to 0 of the next update), ``radius``
-    (the projection radius), ``lr_scale`` (the layer-wise lr factor) --
-    ``None`` for leaves the transformation does not touch.
+    A :class:`~dualopt_jax._describe.LayerTable` (a list) of dicts, ordered
+    by depth then path, with keys ``path``, ``shape``, ``depth`` (``None``
+    where the state holds no depth, e.g. the head), ``multiplier`` (the
+    layer-scale multiplier) and one key per transformation kind present --
+    ``rollback`` and ``decay`` (the fraction of the way to the anchor / to 0
+    of the next update), ``radius`` (the projection radius), ``lr_scale``
+    (the layer-wise lr factor) -- ``None`` for leaves the transformation
+    does not touch.
 
   Example:
     >>> import jax.numpy as jnp

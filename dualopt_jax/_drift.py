@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualopt_jax import _depths, _describe, _norms, _paths, _profile
+from dualopt_jax import _depths, _describe, _lora, _norms, _paths, _profile
 from dualopt_jax._l2sp import L2SPState
 from dualopt_jax._projection import ProjectionState
 from dualopt_jax._rollback import RollbackState
@@ -102,6 +102,8 @@ def drift(
   stacked: str | Sequence[str] | None = None,
   order: Any = None,
   eps: float = 1e-12,
+  lora: str | Sequence[str] | None = None,
+  full_params: Any = None,
 ) -> dict[str, Any]:
   r"""Per-layer relative drift :math:`\lVert\theta - \theta_0\rVert / \lVert\theta_0\rVert`.
 
@@ -140,6 +142,14 @@ def drift(
       ``granularity="block"`` (see ``layer_depths``).
     eps: added to the denominator (a zero anchor tensor gives
       :math:`\lVert\theta\rVert / \epsilon`).
+    lora: glob patterns selecting LoRA ``B`` factors (as ``dualopt``'s
+      ``lora``): each gets ``"drift/<B path>"`` = :math:`\lVert AB\rVert_F /
+      \lVert W_0\rVert_F`, the merged weight's drift from its base weight
+      (without an adapter's constant scale, e.g. Qwix's ``alpha / rank``),
+      computed from rank x rank products; the factors are left out of the
+      ordinary entries. Needs ``full_params``.
+    full_params: the whole model's params holding the base weights
+      :math:`W_0` (e.g. ``nnx.state(model, nnx.Param)``), for ``lora``.
 
   Returns:
     ``dict[str, jax.Array]``.
@@ -159,6 +169,18 @@ def drift(
     raise ValueError("drift: give granularity or groups (your own grouping), not both.")
   if groups is not None and order is not None:
     raise ValueError("drift: order is for granularity='block'; groups are given by name.")
+  if (lora is None) != (full_params is None):
+    raise ValueError(
+      "drift: lora and full_params go together (the merged drift of the adapters needs the "
+      "base weights); give both or neither."
+    )
+  merged: dict[str, Any] = {}
+  skip: set[_paths.Path] = set()
+  if lora is not None:
+    pats = _paths.patterns(lora, name="drift: lora")
+    merged = _lora.merged_drifts(params, pats, full_params, eps=eps, name="drift: lora")
+    bs = _lora.b_paths(pats, params, name="drift: lora")
+    skip = set(bs) | {_lora.a_path(b) for b in bs}
   from_state = params0 is None
   if from_state:
     if opt_state is None:
@@ -169,9 +191,10 @@ def drift(
     (p, x) for p, x in _paths.leaves_with_paths(params)
     if not _paths.is_masked_node(x) and _paths.is_float_leaf(x)
   ]
+  leaves = [(p, x) for p, x in leaves if _paths.canonical(p) not in skip]
   if from_state:  # leaves the transformation keeps no anchor for (a head, a zero anchor)
     leaves = [(p, x) for p, x in leaves if anchor.lookup(p)[0]]
-  if not leaves:
+  if not leaves and not merged:
     raise ValueError("drift: no float leaf of params has an anchor.")
   for path, _ in leaves:
     anchor.get(path)  # raises, naming the path, when params0 lacks it
@@ -206,6 +229,7 @@ def drift(
     for name, (num, den) in pooled.items():
       out["drift/" + name] = jnp.sqrt(num) / (jnp.sqrt(den) + eps)
 
+  out.update(merged)
   if opt_state is not None:
     out.update(_strengths(params, opt_state))
   return out

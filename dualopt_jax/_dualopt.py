@@ -270,7 +270,9 @@ def dualopt(
       wrt=nnx.LoRAParam)``), so that every leaf gets the depth it has in the
       whole model; with ``lora``, an adapter gets its base weight's depth
       (``x/lora/lora_b`` -> ``x/kernel``; ``x/kernel_lora_b`` -> ``x/kernel``).
-      ``None``: the depths come from the tree given to ``init``.
+      ``None``: the depths come from the tree given to ``init``. ``head``
+      is left out of it too; a ``head`` pattern must still match a leaf the
+      optimizer sees (a frozen head is no head: leave ``head`` out).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -367,7 +369,8 @@ def dualopt(
       if decay_follows_lr
       else weight_decay
     )
-    pull = layerwise_decay(rate=rate, layer_scale=profile, mask=mask)
+    # `own` fills weight_decay from the scratch defaults, so it is never None here.
+    pull = layerwise_decay(rate=rate, layer_scale=profile, mask=mask)  # pyright: ignore[reportArgumentType]
   return optax.chain(base, pull)
 
 

@@ -170,6 +170,7 @@ def fix_norm(
       return (u.astype(compute) + (factor - 1.0) * post).astype(u.dtype)
 
     new_updates = _paths.map_with_path(leaf, updates, params, ks, flags, state.target)
-    return new_updates, FixNormState(optax.safe_increment(state.count), state.target)
+    return new_updates, FixNormState(_hyperparams.increment(state.count), state.target)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  # update_fn takes this transformation's own state; Optax's protocol types it OptState.
+  return optax.GradientTransformation(init_fn, update_fn)  # pyright: ignore[reportArgumentType]

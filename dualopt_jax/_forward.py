@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -795,7 +796,7 @@ def forward_order(
   shapes = [tuple(leaf.shape) for leaf in leaves]
   tracked = [k for k, leaf in enumerate(leaves) if _paths.is_float_leaf(leaf)]
   lengths = [s[0] if s else 1 for s in shapes]
-  inputs_in = [None] * len(closed.jaxpr.invars)
+  inputs_in: list[_Tag | None] = [None] * len(closed.jaxpr.invars)
   for k in tracked:
     inputs_in[k] = _Tag(k, range(lengths[k]), aligned=bool(shapes[k]))
   reads = _Reads(lengths)

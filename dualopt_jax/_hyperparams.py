@@ -8,15 +8,21 @@ Per-leaf values are never callables of a path; they are pytrees (or
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import chex
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 ScalarOrSchedule = optax.ScalarOrSchedule
+
+
+def increment(count: chex.Array) -> jax.Array:
+  """``optax.safe_increment(count)``, typed as the array it is (Optax annotates ``ArrayLike``)."""
+  return cast(jax.Array, optax.safe_increment(count))
 
 
 def concrete(x: Any) -> np.ndarray | None:

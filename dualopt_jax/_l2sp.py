@@ -67,9 +67,10 @@ def _l2sp_term(
       return (u.astype(compute) + term).astype(u.dtype)
 
     new_updates = _paths.map_with_path(leaf, updates, params, state.anchor, to_zero(params))
-    return new_updates, L2SPState(optax.safe_increment(state.count), state.anchor)
+    return new_updates, L2SPState(_hyperparams.increment(state.count), state.anchor)
 
-  return _masks.masked(optax.GradientTransformation(init_fn, update_fn), mask)
+  # update_fn takes this transformation's own state; Optax's protocol types it OptState.
+  return _masks.masked(optax.GradientTransformation(init_fn, update_fn), mask)  # pyright: ignore[reportArgumentType]
 
 
 _ARGS_DOC = """

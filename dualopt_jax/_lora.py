@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dualopt_jax import _paths
@@ -127,3 +128,45 @@ def base_weight(adapter: Path, weights: dict[Path, tuple[int, ...]], *, name: st
     "depths come from (it holds only adapters there). Pass the full-weight tree, e.g. "
     "full_params=nnx.state(model, nnx.Param), so that each adapter takes its base weight's depth."
   )
+
+
+def merged_drifts(
+  params: Any, pats: Sequence[_paths.Pattern], full_params: Any, *, eps: float, name: str
+) -> dict[str, Any]:
+  r"""``{"drift/<B path>": ‖A B‖_F / ‖W_0‖}`` for every selected ``B`` factor of ``params``.
+
+  :math:`\lVert AB\rVert_F^2 = \langle A^\top A, B B^\top\rangle` (two rank x
+  rank products; ``A``'s last axis and ``B``'s first are the rank), so the
+  merged update is never formed. ``W_0`` is the base weight in
+  ``full_params``; ``A.shape[:-1] + B.shape[1:]`` must be its shape.
+  """
+  table = _paths.PathTable(params, name="params")
+  full = dict((_paths.canonical(p), x) for p, x in _paths.present_leaves(full_params))
+  adapters = set(b_paths(pats, full_params, name=name))
+  adapters |= {a_path(b) for b in adapters}
+  weights = {p: tuple(np.shape(x)) for p, x in full.items() if p not in adapters}
+  out: dict[str, Any] = {}
+  for b in b_paths(pats, params, name=name):
+    found, a_value = table.lookup(a_path(b))
+    if not found:
+      raise ValueError(
+        f"{name}: the B factor '{_paths.path_str(b)}' has no A factor "
+        f"'{_paths.path_str(a_path(b))}' in params; the merged drift needs both."
+      )
+    b_value = table.get(b)
+    base = base_weight(b, weights, name=name)
+    w0 = full[base]
+    if tuple(np.shape(a_value))[:-1] + tuple(np.shape(b_value))[1:] != tuple(np.shape(w0)):
+      raise ValueError(
+        f"{name}: A {tuple(np.shape(a_value))} times B {tuple(np.shape(b_value))} at "
+        f"'{_paths.path_str(b)}' does not give the shape {tuple(np.shape(w0))} of its base "
+        f"weight '{_paths.path_str(base)}' (contracting A's last axis with B's first)."
+      )
+    compute = jnp.promote_types(jnp.asarray(b_value).dtype, jnp.float32)
+    a_c, b_c = jnp.asarray(a_value, compute), jnp.asarray(b_value, compute)
+    ata = jnp.tensordot(a_c, a_c, axes=(tuple(range(a_c.ndim - 1)),) * 2)
+    bbt = jnp.tensordot(b_c, b_c, axes=(tuple(range(1, b_c.ndim)),) * 2)
+    squared = jnp.maximum(jnp.sum(ata * bbt), 0.0)
+    w0_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(w0, compute))))
+    out["drift/" + _paths.path_str(b)] = jnp.sqrt(squared) / (w0_norm + eps)
+  return out

@@ -31,7 +31,7 @@ def lr_decay_exponents(
   *,
   depths: Any = None,
   num_layers: int | None = None,
-  granularity: str = "block",
+  granularity: _depths.Granularity = "block",
   order: Any = None,
   stacked: str | Sequence[str] | None = None,
 ) -> Any:
@@ -73,13 +73,13 @@ def lr_decay_exponents(
     if int(num_layers) != num_layers or num_layers < 0:
       raise ValueError(f"num_layers must be a non-negative integer, got {num_layers!r}.")
 
-    def exponent(d):
+    def exponent(d: Any) -> np.ndarray:
       e = (num_layers + 1) * (1.0 - np.asarray(d, np.float64))
       return np.where(np.abs(e - np.round(e)) < 1e-4, np.round(e), e)
   else:
     levels = np.unique(np.round(np.concatenate(values) if values else np.zeros(0), 6))
 
-    def exponent(d):
+    def exponent(d: Any) -> np.ndarray:
       d = np.round(np.asarray(d, np.float64), 6)
       return (levels.size - 1 - np.searchsorted(levels, d)).astype(np.float64)
 
@@ -93,7 +93,7 @@ def layerwise_lr_decay(
   *,
   depths: Any = None,
   num_layers: int | None = None,
-  granularity: str = "block",
+  granularity: _depths.Granularity = "block",
   order: Any = None,
   stacked: str | Sequence[str] | None = None,
   mask: Any = None,
@@ -174,14 +174,15 @@ def layerwise_lr_decay(
       return (u.astype(compute) * jnp.power(jnp.asarray(d, compute), e)).astype(u.dtype)
 
     new_updates = _paths.map_with_path(leaf, updates, exponents)
-    count = optax.safe_increment(state.count)
+    count = _hyperparams.increment(state.count)
     return new_updates, LayerwiseLRDecayState(count, state.exponent, _decay_state(decay, count))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  # update_fn takes this transformation's own state; Optax's protocol types it OptState.
+  return optax.GradientTransformation(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def _exponent_key(
-  depths: Any, num_layers: Any, granularity: str, order: Any, stacked: Any
+  depths: Any, num_layers: Any, granularity: _depths.Granularity, order: Any, stacked: Any
 ) -> str:
   """The key of the exponents in the state: the settings that produced them, hashed."""
   depths_key = None if depths is None else _profile.spec_tag(depths)
@@ -203,7 +204,7 @@ def layerwise_lr_decay_adamw(
   weight_decay_mask: Any = None,
   depths: Any = None,
   num_layers: int | None = None,
-  granularity: str = "block",
+  granularity: _depths.Granularity = "block",
   order: Any = None,
   stacked: str | Sequence[str] | None = None,
   b1: float = 0.9,

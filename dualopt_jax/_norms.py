@@ -14,6 +14,7 @@ from typing import Any
 
 import chex
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -74,21 +75,21 @@ def leaf_axes(path: _paths.Path, x: Any, is_stacked: bool, per: str,
     raise ValueError(f"'{_paths.path_str(path)}' (shape {np.shape(x)}): {e}") from None
 
 
-def squared_magnitude(x: chex.Array) -> chex.Array:
+def squared_magnitude(x: chex.Array) -> jax.Array:
   """:math:`|x|^2` elementwise, real (``x * conj(x)`` for complex ``x``)."""
   if jnp.issubdtype(x.dtype, jnp.complexfloating):
-    return jnp.square(x.real) + jnp.square(x.imag)
+    return jnp.square(jnp.real(x)) + jnp.square(jnp.imag(x))
   return jnp.square(x)
 
 
-def real_inner(a: chex.Array, b: chex.Array, axes: tuple[int, ...]) -> chex.Array:
+def real_inner(a: chex.Array, b: chex.Array, axes: tuple[int, ...]) -> jax.Array:
   """The real part of the Hermitian product of ``a`` and ``b`` over ``axes`` (kept)."""
   if jnp.issubdtype(a.dtype, jnp.complexfloating) or jnp.issubdtype(b.dtype, jnp.complexfloating):
     return jnp.sum(jnp.real(jnp.conj(a) * b), axis=axes, keepdims=True)
   return jnp.sum(a * b, axis=axes, keepdims=True)
 
 
-def norm_keepdims(x: chex.Array, axes: tuple[int, ...], *, ord: str = "l2") -> chex.Array:
+def norm_keepdims(x: chex.Array, axes: tuple[int, ...], *, ord: str = "l2") -> jax.Array:
   """L2 (``ord="l2"``) or L1 (``ord="l1"``) norm over ``axes``, kept as size-1 axes (real)."""
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   if ord == "l1":

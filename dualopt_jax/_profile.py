@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import chex
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -71,7 +71,7 @@ class LayerProfile:
   start: Any = 1.0
   end: Any = 0.0
   power: Any = 1.0
-  granularity: str = "block"
+  granularity: _depths.Granularity = "block"
   order: Any = None
   stacked: Any = None
   flip: bool = False
@@ -197,22 +197,22 @@ class LayerScaleState(NamedTuple):
   """
 
   per_leaf: dict[str, Any]
-  numbers: chex.Array
+  numbers: jax.Array
 
   @property
-  def start(self) -> chex.Array:
+  def start(self) -> jax.Array:
     return self.numbers[0]
 
   @property
-  def end(self) -> chex.Array:
+  def end(self) -> jax.Array:
     return self.numbers[1]
 
   @property
-  def power(self) -> chex.Array:
+  def power(self) -> jax.Array:
     return self.numbers[2]
 
   @property
-  def flip(self) -> chex.Array:
+  def flip(self) -> jax.Array:
     return self.numbers[3] > 0.5
 
 

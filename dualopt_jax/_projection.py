@@ -159,14 +159,15 @@ def project_to_anchor(
       return (u.astype(compute) - (1.0 - keep) * d).astype(u.dtype)
 
     new_updates = _paths.map_with_path(project, updates, params, state.anchor, scales, flags)
-    count = optax.safe_increment(state.count)
+    count = _hyperparams.increment(state.count)
     new_state = ProjectionState(
       count, state.anchor, _profile.refreshed(layer_scale, state.layer_scale),
       _radius_state(global_radius, count),
     )
     return new_updates, new_state
 
-  return _masks.masked(optax.GradientTransformation(init_fn, update_fn), mask)
+  # update_fn takes this transformation's own state; Optax's protocol types it OptState.
+  return _masks.masked(optax.GradientTransformation(init_fn, update_fn), mask)  # pyright: ignore[reportArgumentType]
 
 
 def _radius_state(radius: Any, count: chex.Array) -> chex.Array:

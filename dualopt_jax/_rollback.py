@@ -189,14 +189,15 @@ def rollback_to(
       state.anchor, params, name="rollback_to", stored=None if stored is None else stored(params)
     )
     new_updates = _pull_all(updates, params, scales, rate_t, state.anchor)
-    count = optax.safe_increment(state.count)
+    count = _hyperparams.increment(state.count)
     new_state = RollbackState(
       count, state.anchor, _profile.refreshed(layer_scale, state.layer_scale),
       _rate_state(rate, count, "rollback_to"),
     )
     return new_updates, new_state
 
-  return _masks.masked(optax.GradientTransformation(init_fn, update_fn), mask)
+  # update_fn takes this transformation's own state; Optax's protocol types it OptState.
+  return _masks.masked(optax.GradientTransformation(init_fn, update_fn), mask)  # pyright: ignore[reportArgumentType]
 
 
 def layerwise_decay(
@@ -259,11 +260,12 @@ def layerwise_decay(
       rate, layer_scale, state, updates, name="layerwise_decay", label="rate", fraction=True
     )
     new_updates = _pull_all(updates, params, scales, rate_t)
-    count = optax.safe_increment(state.count)
+    count = _hyperparams.increment(state.count)
     new_state = LayerwiseDecayState(
       count, _profile.refreshed(layer_scale, state.layer_scale),
       _rate_state(rate, count, "layerwise_decay"),
     )
     return new_updates, new_state
 
-  return _masks.masked(optax.GradientTransformation(init_fn, update_fn), mask)
+  # update_fn takes this transformation's own state; Optax's protocol types it OptState.
+  return _masks.masked(optax.GradientTransformation(init_fn, update_fn), mask)  # pyright: ignore[reportArgumentType]

@@ -342,7 +342,7 @@ def fsdp_shardings(
         best = dim
     if best is None:
       return NamedSharding(mesh, PartitionSpec())
-    spec = [None] * len(shape)
+    spec: list[str | tuple[str, ...] | None] = [None] * len(shape)
     spec[best] = spec_axis
     return NamedSharding(mesh, PartitionSpec(*spec))
 

@@ -56,6 +56,17 @@ def spd(
   reference code would divide by zero). At the first step
   :math:`\theta_{t-1} = \theta_0`, so :math:`c = 0` and nothing is decayed.
 
+  LoRA: ``decay_to_zero`` on the adapter factors (e.g. ``"**/lora_*"``) is the
+  SPD authors' PEFT mode: each factor is gated and decayed on its own toward
+  0, with no anchor stored. It is not SPD of the merged weight
+  :math:`W = W_0 + AB`. That one has exact adapter forms (the gate
+  :math:`-\langle g_W, AB\rangle = -\langle g_B, B\rangle`, since
+  :math:`AB` is linear in :math:`B`; :math:`\lVert AB\rVert_F^2 =
+  \langle A^\top A, BB^\top\rangle`; the decay scales :math:`\tilde B`),
+  but needs each adapter's A-B pairing and contraction layout, and is not
+  implemented (BUILD_NOTES.md, "LoRA"). For the exact merged-weight rollback
+  use ``dualopt(..., lora=...)``.
+
   Args:
     inner: the optimizer producing the candidate step, *including* the
       learning rate (e.g. ``optax.adam(1e-4)``); it receives the gradients
@@ -148,6 +159,7 @@ def spd(
     new_updates = _paths.map_with_path(
       leaf, inner_updates, updates, params, state.anchor, flags, st_flags
     )
-    return new_updates, SPDState(optax.safe_increment(state.count), inner_state, state.anchor)
+    return new_updates, SPDState(_hyperparams.increment(state.count), inner_state, state.anchor)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # update_fn takes this transformation's own state; Optax's protocol types it OptState.
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]

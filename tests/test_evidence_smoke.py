@@ -7,6 +7,7 @@ the numbers rest on are checked against independent computations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from dualopt_jax._depths import layer_depths
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
 
 from evidence import (  # noqa: E402
+  curves,
   data,
   language,
   methods,
@@ -88,7 +90,9 @@ def test_every_registered_method_builds_and_steps():
   transfer, scratch_ms = methods.transfer_methods(), scratch.scratch_methods()
   sizes = [methods.GRID_SIZE] * len(transfer) + [len(scratch.DECAY_GRID)] * len(scratch_ms)
   for m, size in zip(transfer + scratch_ms, sizes, strict=True):
-    assert len(m.grid) == size, m.name
+    if m.posthoc_of:  # trains nothing: checked in test_wise_ft_interpolates
+      continue
+    assert len(m.grid) == (1 if m.fixed else size), m.name
     tx = m.build(ctx, m.grid[0])
     assert isinstance(tx, optax.GradientTransformation), m.name
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -98,11 +102,20 @@ def test_every_registered_method_builds_and_steps():
 
 def test_vision_transfer_smoke(tmp_path):
   cfg = vision.VisionConfig(seeds=2, pretrain_steps=10, finetune_steps=6, batch=16, chunk=6,
-                            methods=("adam", "dualopt_block", "linear_probe"))
+                            methods=("adam", "wise_ft", "dualopt_default", "dualopt_block",
+                                     "linear_probe"))
   res = vision.run(cfg, progress=False, log=lambda _s: None)
   adam, probe = res["methods"]["adam"], res["methods"]["linear_probe"]
   assert adam["status"] == "ok" and probe["status"] == "ok"
-  assert np.asarray(adam["grid_metrics"]["down_test_acc"]).shape == (4, 2)
+  assert np.asarray(adam["grid_metrics"]["down_test_acc"]).shape == (methods.GRID_SIZE, 2)
+  shifted = [np.asarray(adam["grid_metrics"][f"down_{k}_acc"]) for k in data.SHIFTS]
+  np.testing.assert_allclose(np.mean(shifted, axis=0), adam["grid_metrics"]["down_shift_acc"],
+                             atol=1e-6)
+  # WiSE-FT at alpha = 1 is Adam at the base lr, exactly.
+  wise = res["methods"]["wise_ft"]
+  k = curves.base_index(res)
+  for metric in ("down_test_acc", "up_test_acc", "down_shift_acc"):
+    np.testing.assert_allclose(wise["grid_metrics"][metric][-1], adam["grid_metrics"][metric][k])
   # The frozen backbone does not move: zero drift, zero forgetting (exactly).
   g = probe["drift_groups"]
   drift = np.asarray(probe["drift_selected_mean"])
@@ -114,14 +127,23 @@ def test_vision_transfer_smoke(tmp_path):
   if res["methods"]["dualopt_block"]["status"] == "ok":
     assert res["methods"]["dualopt_block"]["base_lr"] == adam["selected_hp"]
   header, rows = vision.table_rows(res)
-  assert len(rows) == 3 and len(header) == len(rows[0])
+  assert len(rows) == 5 and len(header) == len(rows[0])
+  assert "Verdict:" in curves.default_verdict(res)
+  header, rows = curves.summary_rows(res)
+  assert len(rows) == 5 and all(len(r) == len(header) for r in rows)
   stats.write_json(str(tmp_path / "r.json"), res)
   stats.write_csv(str(tmp_path / "r.csv"), runner.csv_rows("v", res["methods"], res["seeds"]))
   plots.tradeoff(res, str(tmp_path / "t.png"), x_metric="forgetting", y_metric="down_test_acc",
                  x_label="x", y_label="y", title="t")
   plots.drift(res, str(tmp_path / "d.png"))
+  plots.curves(res, str(tmp_path / "c.png"), chosen=curves.chosen_indices(res),
+               spec=curves.spec_of(res), title="t")
+  plots.drift_panels(res, str(tmp_path / "p.png"), methods=("adam", "wise_ft", "dualopt_block"),
+                     chosen=curves.chosen_indices(res))
   assert json.loads((tmp_path / "r.json").read_text())["methods"]["adam"]["status"] == "ok"
-  assert len((tmp_path / "r.csv").read_text().splitlines()) == 1 + 3 * 4 * 2
+  n_rows = (4 * methods.GRID_SIZE + 1) * 2  # four grids and one fixed point, two seeds
+  assert len((tmp_path / "r.csv").read_text().splitlines()) == 1 + n_rows
+  assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "p.png").exists()
   assert (tmp_path / "t.png").stat().st_size > 1000 and (tmp_path / "d.png").exists()
 
 
@@ -131,9 +153,10 @@ def test_language_transfer_smoke():
   res = language.run(cfg, progress=False, log=lambda _s: None)
   e = res["methods"]["dualopt_block"]
   assert e["status"] == "ok"
-  up = np.asarray(e["grid_metrics"]["up_val_loss"])
-  assert up.shape == (4, 2) and np.all(np.isfinite(up)) and np.all(up > 0)
-  pre = np.asarray(res["pretrain"]["up_val_loss"]["values"])
+  up = np.asarray(e["grid_metrics"]["up_test_loss"])
+  assert up.shape == (methods.GRID_SIZE, 2) and np.all(np.isfinite(up)) and np.all(up > 0)
+  assert np.all(np.isfinite(e["grid_metrics"]["down_shift_loss"]))
+  pre = np.asarray(res["pretrain"]["up_test_loss"]["values"])
   np.testing.assert_allclose(np.asarray(e["grid_metrics"]["forgetting"]), up - pre[None], atol=1e-6)
 
 
@@ -179,3 +202,79 @@ def test_tensor_rollback_follows_definition_order_despite_head_mask():
   np.testing.assert_allclose(conv0["bias"], -0.2 * 1e-2, rtol=1e-4)
   # new head: plain Adam step, no rollback
   np.testing.assert_allclose(new["head"]["bias"], -1e-2, rtol=1e-4)
+
+
+def test_hypervolume_matches_counting_on_a_fine_grid():
+  rng = np.random.RandomState(0)
+  xs, ys = rng.uniform(0.2, 1, 6), rng.uniform(0.2, 1, 6)
+  u = np.linspace(0.2, 1, 801)[:-1] + 0.0005  # cell centres, 0.001 wide
+  gx, gy = np.meshgrid(u, u, indexing="ij")
+  dominated = np.zeros_like(gx, bool)
+  for x, y in zip(xs, ys, strict=True):
+    dominated |= (gx <= x) & (gy <= y)
+  assert curves.hypervolume(xs, ys, (0.2, 0.2)) == pytest.approx(dominated.mean() * 0.64,
+                                                                 abs=2e-3)
+  assert curves.hypervolume(np.array([0.1]), np.array([0.9]), (0.2, 0.2)) == 0.0
+
+
+def test_shifted_images_are_deterministic_and_differ():
+  d = data.digits_transfer()
+  x = d.down_test.x[:20]
+  for kind in data.SHIFTS:
+    a, b = data.shifted_images(x, kind), data.shifted_images(x, kind)
+    assert a.shape == x.shape and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1 and np.abs(a - x).mean() > 0.01, kind
+  with pytest.raises(ValueError, match="kind"):
+    data.shifted_images(x, "fog")
+  text = data.stdlib_docstrings_text(max_chars=5000)
+  assert len(text) == 5000 and text not in data.stdlib_source_text(600_000)
+
+
+def test_lp_ft_probes_then_fine_tunes_with_a_fresh_adam():
+  params = models.CNN().init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
+  m = next(m for m in methods.transfer_methods() if m.name == "lp_ft")
+  lr = 1e-2
+  tx = m.build(methods.Context(steps=4, base_lr=1e-3, head="head"), lr)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  moves = []
+  for _ in range(4):
+    updates, state = tx.update(grads, state, params)
+    moves.append(updates)
+  body = lambda u: np.abs(np.asarray(u["backbone"]["Conv_0"]["kernel"])).max()
+  head = lambda u: np.abs(np.asarray(u["head"]["kernel"])).max()
+  assert body(moves[0]) == 0 and body(moves[1]) == 0 and head(moves[0]) > 0
+  # The first fine-tuning step is a fresh Adam's: |update| = peak lr for constant gradients.
+  assert body(moves[2]) == pytest.approx(lr, rel=1e-4)
+
+
+def test_wise_ft_interpolates_backbone_and_keeps_the_new_head():
+  p0 = models.CNN().init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
+  ft = jax.tree.map(lambda x: x + 1.0, p0)
+  m = next(m for m in methods.transfer_methods() if m.name == "wise_ft")
+  ctx = methods.Context(steps=1, base_lr=1e-3, head="head")
+  mixed = m.interpolate(ctx, ft, p0, 0.25)
+  np.testing.assert_allclose(mixed["backbone"]["Dense_0"]["kernel"],
+                             p0["backbone"]["Dense_0"]["kernel"] + 0.25, atol=1e-6)
+  np.testing.assert_array_equal(mixed["head"]["kernel"], ft["head"]["kernel"])
+
+
+def test_large_lm_caches_pretrained_weights_by_content(tmp_path, monkeypatch):
+  from evidence import large_lm
+
+  monkeypatch.setenv("DUALOPT_CACHE", str(tmp_path))
+  cfg = large_lm.LargeConfig(seeds=2, d=16, n_layers=1, heads=2, context=8, batch=4,
+                             up_chars=20_000, pretrain_steps=3, finetune_steps=2, eval_windows=4,
+                             chunk=2)
+  names = ("adam", "wise_ft", "dualopt_default")
+  first = large_lm.run(cfg, names=names, progress=False, log=lambda _s: None)
+  assert all(first["methods"][n]["status"] == "ok" for n in names)
+  assert len(list(tmp_path.glob("large_lm-*.msgpack"))) == 1
+  again = large_lm.run(cfg, names=("adam",), progress=False, log=lambda _s: None)
+  assert again["pretrain"]["seconds"] == 0.0  # read from the cache, not trained
+  assert again["pretrain"]["up_test_loss"] == first["pretrain"]["up_test_loss"]
+  other = dataclasses.replace(cfg, pretrain_steps=4)
+  assert large_lm.content_hash(other, np.zeros(3, np.int32)) != large_lm.content_hash(
+    cfg, np.zeros(3, np.int32))
+  assert "dualopt_default" in large_lm.table(first)

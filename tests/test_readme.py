@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests._markdown import python_block_after
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _python_block_after(heading: str) -> str:
-  text = README.read_text()
-  start = text.index("```python", text.index(heading)) + len("```python")
-  return text[start : text.index("```", start)]
+  return python_block_after(README, heading)
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,15 @@ def test_scratch_snippet_builds_an_optimizer() -> None:
   exec("import dualopt_jax as dj\n" + _python_block_after("## Training from scratch"), namespace)  # noqa: S102
   state = namespace["tx"].init({"layers_0": {"w": jnp.ones(2)}})
   assert state is not None
+
+
+def test_lora_block_rolls_the_adapters_back_at_their_base_weights_depths(
+  quick_start: dict, capsys
+) -> None:
+  namespace = dict(quick_start)
+  exec(_python_block_after("## LoRA: the rollback of the merged weight"), namespace)  # noqa: S102
+  lines = capsys.readouterr().out.splitlines()
+  rows = {line.split()[0]: line.split() for line in lines[2:] if line.strip()}
+  # embed 0, layers/0..2 at 1/4..3/4, head 1 in the whole model; the optimizer sees only adapters.
+  assert [rows[f"layers/{i}/lora/lora_b"][2] for i in range(3)] == ["0.25", "0.5", "0.75"]
+  assert rows["layers/0/lora/lora_a"][2] == "-"  # A factors: the plain step

@@ -76,20 +76,59 @@ def encode(text: str) -> np.ndarray:
   return np.minimum(data, VOCAB - 1).astype(np.int32)
 
 
+def _stdlib_modules() -> list[str]:
+  root = sysconfig.get_paths()["stdlib"]
+  return [os.path.join(root, n) for n in sorted(os.listdir(root))
+          if n.endswith(".py") and not n.startswith("_")]
+
+
+def _read(path: str) -> str:
+  with open(path, encoding="utf-8", errors="replace") as f:
+    return f.read()
+
+
 def stdlib_source_text(max_chars: int = 600_000) -> str:
   """Python source from the standard library (top-level modules, sorted by name)."""
-  root = sysconfig.get_paths()["stdlib"]
   parts, total = [], 0
-  for name in sorted(os.listdir(root)):
-    if not name.endswith(".py") or name.startswith("_"):
-      continue
-    with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
-      text = f.read()
+  for path in _stdlib_modules():
+    text = _read(path)
     parts.append(text)
     total += len(text)
     if total >= max_chars:
       break
   return "".join(parts)[:max_chars]
+
+
+def stdlib_docstrings_text(*, skip_chars: int = 600_000, max_chars: int = 60_000) -> str:
+  """English docstrings of the standard library modules that the upstream text does not reach.
+
+  The modules whose source makes up the first ``skip_chars`` characters (the
+  upstream pre-training text) are skipped; of the rest, the module, class and
+  function docstrings, in file and source order. Prose from another source
+  than the pydoc topics: the language benchmark's shifted downstream set.
+  """
+  import ast
+
+  parts, seen, total = [], 0, 0
+  for path in _stdlib_modules():
+    text = _read(path)
+    seen += len(text)
+    if seen <= skip_chars:
+      continue
+    try:
+      tree = ast.parse(text)
+    except SyntaxError:
+      continue
+    nodes = [tree, *(n for n in ast.walk(tree)
+                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))]
+    for node in nodes:
+      doc = ast.get_docstring(node)
+      if doc and len(doc) > 80:
+        parts.append(doc)
+        total += len(doc) + 2
+    if total >= max_chars:
+      break
+  return "\n\n".join(parts)[:max_chars]
 
 
 def pydoc_topics_text(max_chars: int | None = None) -> str:
@@ -106,6 +145,7 @@ class TextData:
   up_val: np.ndarray
   down_train: np.ndarray
   down_val: np.ndarray
+  down_shift: np.ndarray  # stdlib docstrings: prose from another source (evaluation only)
 
 
 def text_transfer(*, up_chars: int = 600_000, val_fraction: float = 0.1) -> TextData:
@@ -117,7 +157,8 @@ def text_transfer(*, up_chars: int = 600_000, val_fraction: float = 0.1) -> Text
 
   up_train, up_val = split(encode(stdlib_source_text(up_chars)))
   down_train, down_val = split(encode(pydoc_topics_text()))
-  return TextData(up_train, up_val, down_train, down_val)
+  shift = encode(stdlib_docstrings_text(skip_chars=up_chars))
+  return TextData(up_train, up_val, down_train, down_val, shift)
 
 
 def fixed_windows(tokens: np.ndarray, n: int, length: int) -> np.ndarray:
@@ -143,3 +184,38 @@ def digits_scratch(*, train_per_class: int = 30, val_per_class: int = 30,
     va.append(idx[train_per_class:train_per_class + val_per_class])
     te.append(idx[train_per_class + val_per_class:])
   return tuple(Split(x[i], y[i]) for i in (np.sort(np.concatenate(s)) for s in (tr, va, te)))
+
+
+# Distribution shifts of the downstream test images, at fixed severities (deterministic: the noise
+# is drawn from a fixed seed). Images are (N, 8, 8, 1) in [0, 1].
+SHIFTS = ("noise", "blur", "rotation", "contrast")
+NOISE_STD = 0.2  # Gaussian pixel noise, in units of the [0, 1] intensity range
+BLUR_SIGMA = 0.8  # Gaussian blur, pixels
+ROTATION_DEG = 20.0  # alternating +/- per image
+CONTRAST = 0.4  # intensities pulled toward each image's mean by this factor
+
+
+def shifted_images(x: np.ndarray, kind: str, *, seed: int = 0) -> np.ndarray:
+  """``x`` under one of :data:`SHIFTS` at its fixed severity, clipped to [0, 1]."""
+  from scipy import ndimage
+
+  img = x[..., 0].astype(np.float64)
+  if kind == "noise":
+    out = img + NOISE_STD * np.random.RandomState(seed).standard_normal(img.shape)
+  elif kind == "blur":
+    out = np.stack([ndimage.gaussian_filter(i, BLUR_SIGMA, mode="constant") for i in img])
+  elif kind == "rotation":
+    angles = np.where(np.arange(len(img)) % 2 == 0, ROTATION_DEG, -ROTATION_DEG)
+    out = np.stack([ndimage.rotate(i, a, reshape=False, order=1, mode="constant")
+                    for i, a in zip(img, angles, strict=True)])
+  elif kind == "contrast":
+    mean = img.mean(axis=(1, 2), keepdims=True)
+    out = mean + CONTRAST * (img - mean)
+  else:
+    raise ValueError(f"shifted_images: kind={kind!r}; expected one of {SHIFTS}.")
+  return np.clip(out, 0.0, 1.0).astype(np.float32)[..., None]
+
+
+def shifted_splits(split: Split) -> dict[str, Split]:
+  """The split under every shift: ``{'noise': Split, ...}`` (same labels)."""
+  return {k: Split(shifted_images(split.x, k), split.y) for k in SHIFTS}

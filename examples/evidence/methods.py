@@ -1,8 +1,10 @@
 """The optimizers compared, as a registry.
 
-Every entry names one main hyper-parameter and a grid of the same size
-(``GRID_SIZE``) for every method; the grid value is chosen on the validation
-split. Methods whose main hyper-parameter is not the learning rate use the
+Every entry names one main hyper-parameter -- its *strength* -- and a grid of
+``GRID_SIZE`` log-spaced values wide enough to go from "no visible effect" to
+"clearly too strong", so each method is a curve (downstream accuracy vs
+upstream retention), not one point. The points the tables report are chosen
+on validation splits only. Methods whose main hyper-parameter is not the learning rate use the
 shared base learning rate (chosen for plain Adam on validation first, see
 ``vision.py``). Every method runs the same cosine learning-rate schedule
 (peak -> 0, no warm-up) and the same step budget.
@@ -18,13 +20,20 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 import dualopt_jax as dj
 
 from .train import path_keys
 
-GRID_SIZE = 4
+GRID_SIZE = 8
+
+
+def geom(lo: float, hi: float, n: int = GRID_SIZE) -> tuple[float, ...]:
+  """``n`` log-spaced values from ``lo`` to ``hi``, rounded to 2 significant digits."""
+  return tuple(float(f"{v:.2g}") for v in np.geomspace(lo, hi, n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +59,12 @@ class Method:
   build: Callable[[Context, Any], optax.GradientTransformation]
   tunes_lr: bool = False  # the main hp is the peak lr (else base_lr is used)
   note: str = ""
+  # Post-hoc methods train nothing: ``interpolate(finetuned, params0, hp) -> params`` maps the
+  # weights ``posthoc_of`` reached at the base lr (one set per seed) to this method's weights.
+  posthoc_of: str | None = None
+  interpolate: Callable[[Any, Any, Any, Any], Any] | None = None
+  # A method at fixed settings (a library default): one point, no grid to sweep.
+  fixed: bool = False
 
 
 def cosine(peak: Any, steps: int) -> optax.Schedule:
@@ -106,6 +121,11 @@ def _dualopt(granularity: str) -> Callable[[Context, Any], optax.GradientTransfo
   return build
 
 
+def _dualopt_default(ctx: Context, _hp: Any) -> optax.GradientTransformation:
+  """``dj.dualopt`` at its fine-tune defaults; only the schedule, its peak and the head given."""
+  return dj.dualopt(cosine(ctx.base_lr, ctx.steps), peak_learning_rate=ctx.base_lr, head=ctx.head)
+
+
 def _rollback_with_floor(ctx: Context, hp: Any) -> optax.GradientTransformation:
   """DualOpt fine-tune (block) composed from ``rollback_to`` with a floor kappa_min = rho / 4.
 
@@ -154,33 +174,100 @@ def _llrd(ctx: Context, hp: Any) -> optax.GradientTransformation:
                      optax.scale_by_learning_rate(cosine(ctx.base_lr, ctx.steps)))
 
 
+def _uniform_rollback(ctx: Context, hp: Any) -> optax.GradientTransformation:
+  """Ablation of the depth profile: the same rollback operator, one fraction for every layer."""
+  lr = cosine(ctx.base_lr, ctx.steps)
+  return optax.chain(
+    optax.scale_by_adam(eps_root=0.0), optax.scale_by_learning_rate(lr),
+    dj.rollback_to(rate=lambda count: hp * lr(count) / ctx.base_lr, mask=_not_head(ctx.head)),
+  )
+
+
+def staged(first: optax.GradientTransformation, second: optax.GradientTransformation,
+           switch: int) -> optax.GradientTransformation:
+  """``first`` for the steps before ``switch``, then ``second`` with a fresh state (count 0)."""
+
+  def init(params: Any) -> Any:
+    return jnp.zeros([], jnp.int32), first.init(params), second.init(params)
+
+  def update(grads: Any, state: Any, params: Any = None) -> Any:
+    count, s1, s2 = state
+
+    def run_first(_: Any) -> Any:
+      u, n1 = first.update(grads, s1, params)
+      return u, n1, s2
+
+    def run_second(_: Any) -> Any:
+      u, n2 = second.update(grads, s2, params)
+      return u, s1, n2
+
+    u, n1, n2 = jax.lax.cond(count < switch, run_first, run_second, None)
+    return u, (optax.safe_increment(count), n1, n2)
+
+  return optax.GradientTransformation(init, update)
+
+
+LP_FT_PROBE_LR = 0.03  # the linear probe's validation choice in the committed full vision run
+
+
+def _lp_ft(ctx: Context, hp: Any) -> optax.GradientTransformation:
+  """LP-FT (Kumar et al., ICLR 2022): linear probe for half the budget, then full fine-tuning."""
+  switch = ctx.steps // 2
+  probe = _linear_probe(dataclasses.replace(ctx, steps=switch), LP_FT_PROBE_LR)
+  return staged(probe, optax.adam(cosine(hp, ctx.steps - switch)), switch)
+
+
+def _wise_ft(ctx: Context, finetuned: Any, params0: Any, alpha: Any) -> Any:
+  """WiSE-FT (Wortsman et al., CVPR 2022): theta0 + alpha (theta_ft - theta0).
+
+  A newly initialised head has no pre-trained value to interpolate toward; it
+  keeps its fine-tuned weights (alpha = 0 is then the pre-trained backbone
+  with the head fine-tuned on the moving backbone).
+  """
+  selects = dj.path_filter(ctx.head) if ctx.head else (lambda _p: False)
+  mix = lambda path, ft, p0: ft if selects(path) else p0 + alpha * (ft - p0)
+  return jax.tree_util.tree_map_with_path(lambda kp, ft, p0: mix(path_keys(kp), ft, p0),
+                                          finetuned, params0)
+
+
 # ----------------------------------------------------------------------------- registry
+
+ROLLBACK_GRID = geom(1e-3, 0.3)
 
 
 def transfer_methods() -> list[Method]:
-  """The fine-tuning comparison (vision and language)."""
+  """The fine-tuning comparison (vision and language): every method a curve of GRID_SIZE points."""
   return [
-    Method("adam", "lr", (3e-4, 1e-3, 3e-3, 1e-2), _adam, tunes_lr=True,
+    Method("adam", "lr", geom(1e-4, 3e-2), _adam, tunes_lr=True,
            note="plain Adam, no decay; its lr choice becomes the base lr"),
-    Method("adamw", "weight_decay", (1e-2, 1e-1, 1.0, 10.0), _adamw,
+    Method("wise_ft", "alpha", tuple(float(f"{a:.2g}") for a in np.linspace(0, 1, GRID_SIZE)),
+           None, posthoc_of="adam", interpolate=_wise_ft,
+           note="WiSE-FT: interpolate Adam's fine-tuned weights (base lr) with the pre-trained"),
+    Method("adamw", "weight_decay", geom(1e-2, 30.0), _adamw,
            note="optax.adamw, decay toward 0 multiplied by the lr"),
-    Method("l2sp_coupled", "alpha", (1e-3, 1e-2, 1e-1, 1.0), _l2sp(True),
+    Method("l2sp_coupled", "alpha", geom(1e-4, 3.0), _l2sp(True),
            note="L2-SP penalty gradient through Adam"),
-    Method("l2sp_decoupled", "alpha", (1e-2, 1e-1, 1.0, 10.0), _l2sp(False),
+    Method("l2sp_decoupled", "alpha", geom(1e-3, 30.0), _l2sp(False),
            note="L2-SP decay toward the anchor after Adam"),
-    Method("spd", "strength", (0.03, 0.1, 0.3, 1.0), _spd,
+    Method("spd", "strength", geom(0.01, 3.0), _spd,
            note="selective projection decay"),
-    Method("dualopt_block", "rollback", (3e-3, 1e-2, 3e-2, 1e-1), _dualopt("block"),
+    Method("dualopt_default", "defaults", (0.0,), _dualopt_default, fixed=True,
+           note="dj.dualopt(schedule, peak_learning_rate=base lr, head=...) and nothing else"),
+    Method("dualopt_block", "rollback", ROLLBACK_GRID, _dualopt("block"),
            note="DualOpt fine-tune, one depth per block"),
-    Method("dualopt_tensor", "rollback", (3e-3, 1e-2, 3e-2, 1e-1), _dualopt("tensor"),
+    Method("dualopt_tensor", "rollback", ROLLBACK_GRID, _dualopt("tensor"),
            note="DualOpt fine-tune, one depth per tensor"),
-    Method("dualopt_block_floor", "rollback", (3e-3, 1e-2, 3e-2, 1e-1), _rollback_with_floor,
+    Method("dualopt_block_floor", "rollback", ROLLBACK_GRID, _rollback_with_floor,
            note="ablation: block rollback with kappa_min = rollback/4 (composed from rollback_to)"),
-    Method("olor_ref", "lr", (1e-4, 3e-4, 1e-3, 3e-3), _olor_reference, tunes_lr=True,
+    Method("uniform_rollback", "rollback", ROLLBACK_GRID, _uniform_rollback,
+           note="ablation: the same rollback, one fraction for every layer (no depth profile)"),
+    Method("olor_ref", "lr", geom(1e-4, 3e-2), _olor_reference, tunes_lr=True,
            note="OLOR, reference settings: kappa_max=0.01/eta0, kappa_min=0, gamma=1, cosine"),
-    Method("llrd", "decay", (0.5, 0.65, 0.8, 0.9), _llrd,
+    Method("llrd", "decay", tuple(float(f"{1 - v:.2g}") for v in geom(0.03, 0.8)), _llrd,
            note="layer-wise lr decay"),
-    Method("linear_probe", "lr", (1e-3, 3e-3, 1e-2, 3e-2), _linear_probe, tunes_lr=True,
+    Method("lp_ft", "lr", geom(1e-4, 3e-2), _lp_ft, tunes_lr=True,
+           note=f"LP-FT: head-only (lr {LP_FT_PROBE_LR:g}) for half the steps, then Adam at lr"),
+    Method("linear_probe", "lr", geom(1e-3, 1e-1), _linear_probe, tunes_lr=True,
            note="frozen backbone, head trained with Adam"),
   ]
 
@@ -188,5 +275,7 @@ def transfer_methods() -> list[Method]:
 def check_grids(methods: list[Method], size: int = GRID_SIZE) -> None:
   """Every method of a benchmark gets a grid of the same size."""
   for m in methods:
+    if m.fixed and len(m.grid) == 1:
+      continue
     if len(m.grid) != size:
       raise ValueError(f"method {m.name}: grid has {len(m.grid)} values, expected {size}.")

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from . import language, plots, runner, scratch, stats, summarize, vision
+from . import curves, language, plots, runner, scratch, stats, summarize, vision
 
 BENCHES = ("vision", "language", "scratch-vision", "scratch-language")
 
@@ -45,28 +45,15 @@ def report(bench: str, res: dict, out: str) -> str:
   n = len(res["seeds"])
   if bench == "vision":
     text = _write(res, out, "vision_transfer", *vision.table_rows(res))
-    extra = stats.table(*reversed(vision.constrained_rows(res)))
-    text += "\n\nWith a retention constraint (upstream *val* acc >= 90%), still chosen on val:\n"
-    text += extra
-    with open(os.path.join(out, "vision_transfer.md"), "a") as f:
-      f.write("\nWith a retention constraint (upstream val acc >= 90%), chosen on val:\n\n"
-              + extra + "\n")
-    plots.tradeoff(res, os.path.join(out, "vision_tradeoff.png"), x_metric="forgetting",
-                   y_metric="down_test_acc", x_label="forgetting: upstream test acc lost (points)",
-                   y_label="downstream test accuracy (%)", x_scale=100, y_scale=100,
-                   title=f"digits 0-4 -> 5-9, {n} seeds, mean ± std at the val-chosen hp")
-    plots.drift(res, os.path.join(out, "vision_drift.png"),
-                methods=("adam", "dualopt_block", "dualopt_tensor"),
-                title="per-layer drift during fine-tuning (mean ± std over seeds)")
+    text = curve_report(res, out, "vision_transfer", "digits 0-4 → 5-9") + \
+      "\n\nAt the grid value chosen by downstream validation alone:\n\n" + text
   elif bench == "language":
     text = _write(res, out, "language_transfer", *language.table_rows(res))
-    plots.tradeoff(res, os.path.join(out, "language_tradeoff.png"), x_metric="forgetting",
-                   y_metric="down_test_loss", x_label="forgetting: rise of upstream val loss",
-                   y_label="downstream test loss (lower is better)",
-                   title=f"stdlib source -> pydoc prose, TinyGPT, {n} seeds")
-    plots.drift(res, os.path.join(out, "language_drift.png"),
-                methods=("adam", "dualopt_block", "dualopt_tensor"),
-                title="per-layer drift during fine-tuning (mean ± std over seeds)")
+    text = curve_report(
+      res, out, "language_transfer", "stdlib source → pydoc prose, TinyGPT",
+      x_label="upstream: stdlib source test loss (nats/char)",
+      y_label="downstream: pydoc prose test loss (nats/char)",
+    ) + "\n\nAt the grid value chosen by downstream validation alone:\n\n" + text
   else:
     kind = bench.split("-")[1]
     text = _write(res, out, f"scratch_{kind}", *scratch.table_rows(res))
@@ -78,23 +65,63 @@ def report(bench: str, res: dict, out: str) -> str:
   return text
 
 
+DRIFT_PANELS = ("adam", "wise_ft", "l2sp_decoupled", "spd", "dualopt_default", "dualopt_block",
+                "uniform_rollback", "olor_ref")
+
+
+def curve_report(res: dict, out: str, stem: str, title: str, **plot_labels: str) -> str:
+  """The verdict, curve summary and shift tables (prepended to the .md) and the two figures."""
+  n = len(res["seeds"])
+  chosen = curves.chosen_indices(res)
+  base = next((e.get("base_lr") for e in res["methods"].values() if e.get("base_lr")), None)
+  spec = curves.spec_of(res)
+  summary = stats.table(*reversed(curves.summary_rows(res)))
+  kinds = res.get("data", {}).get("shifts", {}).get("kinds", [])
+  shifts = stats.table(*reversed(curves.shift_rows(res, kinds))) if kinds else ""
+  text = (f"{curves.default_verdict(res)}\n\n"
+          f"Curves over each method's grid ({n} seeds, base lr {base:g}); hypervolume beyond the "
+          f"chance-level reference point {spec.ref} of (upstream test, downstream test), "
+          f"paired by seed:\n\n{summary}")
+  if shifts:
+    text += ("\n\nDownstream test results in distribution and under shift, at the constrained "
+             f"choice:\n\n{shifts}")
+  md = os.path.join(out, f"{stem}.md")
+  with open(md) as f:
+    command, _, rest = f.read().partition("\n\n")
+  with open(md, "w") as f:
+    f.write(f"{command}\n\n{text}\n\nAt the grid value chosen by downstream validation "
+            f"alone (no retention constraint):\n\n{rest}")
+  prefix = stem.replace("_transfer", "")
+  plots.curves(res, os.path.join(out, f"{prefix}_curves.png"), chosen=chosen, spec=spec,
+               title=f"{title}, {n} seeds, base lr {base:g}", **plot_labels)
+  plots.drift_panels(res, os.path.join(out, f"{prefix}_drift.png"), methods=DRIFT_PANELS,
+                     chosen=chosen, title="per-layer drift during fine-tuning at the constrained "
+                     "choice (mean ± std over seeds)")
+  return text
+
+
 _STEMS = {"vision": "vision_transfer", "language": "language_transfer",
           "scratch-vision": "scratch_vision", "scratch-language": "scratch_language"}
 
 
-def run_bench(bench: str, out: str, *, seeds: int | None, scale: float, progress: bool) -> str:
+def run_bench(bench: str, out: str, *, seeds: int | None, scale: float, progress: bool,
+              base_lr: float | None = None, methods: tuple[str, ...] | None = None) -> str:
   s = lambda n: max(1, int(round(n * scale)))
   cmd = "python -m examples.evidence.run_all " + bench + (f" --seeds {seeds}" if seeds else "") + (
-    f" --steps-scale {scale:g}" if scale != 1 else "")
+    f" --steps-scale {scale:g}" if scale != 1 else "") + (
+    f" --base-lr {base_lr:g}" if base_lr else "") + (
+    f" --methods {','.join(methods)}" if methods else "")
   if bench == "vision":
     cfg = vision.VisionConfig()
     cfg.pretrain_steps, cfg.finetune_steps = s(cfg.pretrain_steps), s(cfg.finetune_steps)
     cfg.seeds = seeds or cfg.seeds
+    cfg.base_lr, cfg.methods = base_lr, methods
     res = vision.run(cfg, progress=progress)
   elif bench == "language":
     cfg = language.LanguageConfig()
     cfg.pretrain_steps, cfg.finetune_steps = s(cfg.pretrain_steps), s(cfg.finetune_steps)
     cfg.seeds = seeds or cfg.seeds
+    cfg.methods = methods
     res = language.run(cfg, progress=progress)
   else:
     cfg = scratch.ScratchConfig()
@@ -112,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seeds", type=int, default=None)
   parser.add_argument("--steps-scale", type=float, default=1.0)
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--base-lr", type=float, default=None,
+                      help="vision: fix the base lr instead of letting Adam choose it on val "
+                      "(the sensitivity run; write it to another --out)")
+  parser.add_argument("--methods", default=None,
+                      help="comma-separated subset of the transfer methods (default: all)")
   parser.add_argument("--from-json", action="store_true",
                       help="do not train: rewrite tables and plots from the JSON in --out")
   args = parser.parse_args(argv)
@@ -124,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
           print(f"\n== {bench}\n{report(bench, json.load(f), args.out)}\n")
       continue
     text = run_bench(bench, args.out, seeds=args.seeds, scale=args.steps_scale,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, base_lr=args.base_lr,
+                     methods=tuple(args.methods.split(",")) if args.methods else None)
     print(f"\n== {bench} ({time.perf_counter() - start:.0f} s)\n{text}\n", flush=True)
   return 0
 

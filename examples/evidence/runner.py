@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -28,7 +29,7 @@ class Protocol:
   tiebreak_metric: str | None = None  # lower is better
   head: str | None = None
   base_lr: float = 1e-3  # replaced by the lr chosen for ``base_lr_from``
-  base_lr_from: str | None = "adam"
+  base_lr_from: str | None = "adam"  # None: ``base_lr`` is fixed (the sensitivity run)
   chunk: int = 50
   drift_every: int = 5  # keep every k-th step of the drift trace
 
@@ -55,6 +56,8 @@ def run_methods(
     batch = task.sample(jax.random.key(0), task.data)
     order = dj.forward_order(task.loss_fn, template, batch)
     depths = dj.layer_depths(template, head=protocol.head)
+  trained: dict[str, Any] = {}  # (params, drift) of the methods a post-hoc method reads
+  sources = {m.posthoc_of for m in methods if m.posthoc_of}
   bar = tqdm(methods, desc="methods", disable=not progress)
   for m in bar:
     bar.set_postfix_str(m.name)
@@ -66,11 +69,14 @@ def run_methods(
     entry["base_lr"] = None if m.tunes_lr else base_lr
     start = time.perf_counter()
     try:
-      run = train.train_grid(
-        task, lambda hp, ctx=ctx, m=m: m.build(ctx, hp), m.grid, params0, seed_keys,
-        steps=protocol.steps, chunk=protocol.chunk, desc=m.name, progress=progress,
-        template=template,
-      )
+      if m.posthoc_of:
+        run = _posthoc(m, ctx, trained, params0, task.group_of)
+      else:
+        run = train.train_grid(
+          task, lambda hp, ctx=ctx, m=m: m.build(ctx, hp), m.grid, params0, seed_keys,
+          steps=protocol.steps, chunk=protocol.chunk, desc=m.name, progress=progress,
+          template=template,
+        )
       metrics = evaluate(run.params)
     except Exception as e:  # a failing method must not stop the benchmark
       entry["status"] = f"error: {e.__class__.__name__}: {e}"
@@ -78,6 +84,8 @@ def run_methods(
       log(f"[error] {m.name}: {e.__class__.__name__}: {e}")
       out[m.name] = entry
       continue
+    if m.name in sources:
+      trained[m.name] = (m.grid, run)
     metrics["train_loss_end"] = run.final_loss
     k = stats.select(
       metrics[protocol.select_metric],
@@ -97,15 +105,43 @@ def run_methods(
       drift_steps=list(range(1, protocol.steps + 1))[keep],
       drift_selected_mean=run.drift[k].mean(axis=0)[keep],
       drift_selected_std=run.drift[k].std(axis=0)[keep],
+      drift_grid_mean=run.drift.mean(axis=1)[:, keep],
+      drift_grid_std=run.drift.std(axis=1)[:, keep],
     )
     log(f"[done] {m.name}: {m.hp_name}={m.grid[k]:g} chosen, {entry['seconds']:.0f} s"
         f"{'' if run.vectorized else ' (grid not vectorized: one compile per value)'}")
     if protocol.base_lr_from == m.name:
       base_lr = float(m.grid[k])
+      entry["base_lr_index"] = k
       log(f"[base lr] {m.name} chose lr={base_lr:g} on validation; other methods use it")
     out[m.name] = entry
   bar.close()
   return out
+
+
+def _posthoc(m: methods_lib.Method, ctx: methods_lib.Context, trained: dict[str, Any],
+             params0: Any, group_of: Any) -> train.GridRun:
+  """A post-hoc method's grid from the weights its source method reached at the base lr.
+
+  The drift trace applies the same map to every step of the source's path:
+  for an interpolation toward the anchor, a layer's relative drift is the
+  source's times alpha (groups that the head pattern selects keep theirs).
+  """
+  if m.posthoc_of not in trained:
+    raise ValueError(f"{m.name} reads {m.posthoc_of}'s weights; run {m.posthoc_of} first.")
+  grid, src = trained[m.posthoc_of]
+  hits = np.flatnonzero(np.isclose(np.asarray(grid), ctx.base_lr, rtol=1e-6))
+  if not len(hits):
+    raise ValueError(f"{m.name}: the base lr {ctx.base_lr:g} is not in {m.posthoc_of}'s grid.")
+  k = int(hits[0])
+  finetuned = jax.tree.map(lambda x: x[k], src.params)
+  alphas = jnp.asarray(m.grid, jnp.float32)
+  params = jax.vmap(lambda a: m.interpolate(ctx, finetuned, params0, a))(alphas)
+  selects = dj.path_filter(ctx.head) if ctx.head else (lambda _p: False)
+  scale = np.asarray([[1.0 if selects((g,)) else a for g in src.groups] for a in m.grid])
+  drift = scale[:, None, None, :] * src.drift[k][None]
+  loss = np.full((len(m.grid), src.final_loss.shape[1]), np.nan)
+  return train.GridRun(params, drift, src.groups, 0.0, True, loss)
 
 
 def csv_rows(benchmark: str, results: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:

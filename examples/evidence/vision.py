@@ -39,6 +39,8 @@ class VisionConfig:
   batch: int = 32
   methods: tuple[str, ...] | None = None  # None = all registered
   chunk: int = 50
+  # None: plain Adam chooses the base lr on validation; a value fixes it (the sensitivity run).
+  base_lr: float | None = None
 
 
 def _xent(logits: jax.Array, y: jax.Array) -> jax.Array:
@@ -101,12 +103,18 @@ def run(cfg: VisionConfig, *, progress: bool = True, log=print) -> dict[str, Any
   task = classification_task(d.down_train.x, d.down_train.y, cfg.batch)
   xs = {k: (jnp.asarray(getattr(d, k).x), jnp.asarray(getattr(d, k).y))
         for k in ("down_val", "down_test", "up_val", "up_test")}
+  for kind, split in data_lib.shifted_splits(d.down_test).items():
+    xs[f"down_{kind}"] = (jnp.asarray(split.x), jnp.asarray(split.y))
 
   def metrics(pair: Any, splits: dict) -> dict[str, jax.Array]:
     params, head_up = pair
     out = {}
     for split in ("down_val", "down_test"):
       out[f"{split}_acc"], out[f"{split}_loss"] = accuracy_and_loss(params, *splits[split])
+    shifted = [accuracy_and_loss(params, *splits[f"down_{k}"])[0] for k in data_lib.SHIFTS]
+    for kind, acc in zip(data_lib.SHIFTS, shifted, strict=True):
+      out[f"down_{kind}_acc"] = acc
+    out["down_shift_acc"] = jnp.mean(jnp.stack(shifted))
     with_up_head = {"backbone": params["backbone"], "head": head_up}
     for split in ("up_val", "up_test"):
       out[f"{split}_acc"] = accuracy_and_loss(with_up_head, *splits[split])[0]
@@ -126,6 +134,7 @@ def run(cfg: VisionConfig, *, progress: bool = True, log=print) -> dict[str, Any
   protocol = runner.Protocol(
     steps=cfg.finetune_steps, select_metric="down_val_acc", select_higher=True,
     tiebreak_metric="down_val_loss", head="head", chunk=cfg.chunk,
+    base_lr=cfg.base_lr or 1e-3, base_lr_from=None if cfg.base_lr else "adam",
   )
   seed_keys = jax.vmap(lambda s: jax.random.PRNGKey(2000 + s))(jnp.arange(cfg.seeds))
   template = models.CNN().init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
@@ -135,7 +144,10 @@ def run(cfg: VisionConfig, *, progress: bool = True, log=print) -> dict[str, Any
     "benchmark": "vision_transfer",
     "config": dataclasses.asdict(cfg),
     "data": {"upstream": "digits 0-4 (60/20/20)", "downstream": "digits 5-9, 20/class train, "
-             "20/class val, rest test", "sizes": {k: int(getattr(d, k).y.shape[0]) for k in (
+             "20/class val, rest test", "shifts": {
+               "kinds": list(data_lib.SHIFTS), "noise_std": data_lib.NOISE_STD,
+               "blur_sigma": data_lib.BLUR_SIGMA, "rotation_deg": data_lib.ROTATION_DEG,
+               "contrast": data_lib.CONTRAST}, "sizes": {k: int(getattr(d, k).y.shape[0]) for k in (
                "up_train", "up_val", "up_test", "down_train", "down_val", "down_test")}},
     "seeds": seeds,
     "pretrain": {"up_test_acc": stats.summary(pre_acc), "seconds": pre_s},
