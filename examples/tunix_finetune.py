@@ -115,6 +115,7 @@ def tiny_llama(seed: int) -> llama3.Llama3:
 
 LORA_MODULES = ".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj"
 LORA_ALPHA = 2.0     # Qwix scales A B by alpha / rank; alpha = LORA_ALPHA * rank
+LORA_B = "**/*_lora_b"   # Qwix's B factors: <weight>_lora_b next to <weight>
 
 
 def with_lora(model: llama3.Llama3, rank: int, seed: int) -> nnx.Module:
@@ -158,27 +159,6 @@ def unit_names(params: Any) -> Any:
                                      for k in path)), params)
 
 
-def merged_lora_weights(model: nnx.Module) -> tuple[dict, dict]:
-  """``(W0 + alpha/r * A B, W0)`` for every Qwix-adapted weight, keyed by the weight's path.
-
-  The adapters' own state has no anchor (B starts at 0 and is rolled back toward 0), so what
-  the rollback holds near the pre-trained model is the merged weight, and that is what is
-  measured. Qwix's A holds the weight's input axes then the rank, B the rank then its output
-  axes, so ``A B`` is ``tensordot(A, B, 1)``, of the weight's shape.
-  """
-  flat = {"/".join(map(str, k)): v for k, v in
-          nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  merged, base = {}, {}
-  for path in (p for p in flat if p.endswith("_lora_b")):
-    name = path[: -len("_lora_b")]
-    a, b, w0 = flat[name + "_lora_a"][...], flat[path][...], flat[name][...]
-    delta = LORA_ALPHA * jnp.tensordot(a, b, axes=1)
-    if delta.shape != w0.shape:
-      raise ValueError(f"{name}: A B has shape {delta.shape}, the weight {w0.shape}")
-    merged[name], base[name] = w0 + delta, w0
-  return merged, base
-
-
 class DriftHooks(hooks.TrainingHooks):
   """Logs ``dj.drift`` of the trained parameters every ``every`` steps."""
 
@@ -190,8 +170,10 @@ class DriftHooks(hooks.TrainingHooks):
     if train_step % self.every:
       return
     if self.lora:
-      merged, base = merged_lora_weights(train_ctx.model)
-      drift = dj.drift(merged, params0=base, groups={k: unit_of(k) for k in merged})
+      # The adapters carry no anchor (B is rolled toward 0): drift measures each adapter's merged
+      # drift ||A B|| / ||W0|| (without Qwix's constant alpha/rank), keyed by its B factor.
+      drift = dj.drift(nnx.state(train_ctx.model, nnx.LoRAParam), train_ctx.optimizer.opt_state,
+                       lora=LORA_B, full_params=nnx.state(train_ctx.model, nnx.Param))
     else:
       params = nnx.state(train_ctx.model, nnx.Param)
       drift = dj.drift(params, train_ctx.optimizer.opt_state, groups=unit_names)
@@ -238,7 +220,7 @@ def make_optimizer(args: argparse.Namespace, model: nnx.Module,
   # gives every adapter its base weight's depth in the whole model. Rolling Qwix's B factors
   # (<weight>_lora_b) toward 0 rolls the merged weight W0 + A B back toward W0.
   return dj.dualopt(schedule, peak_learning_rate=args.lr, rollback=args.rollback, order=order,
-                    lora="**/*_lora_b", full_params=nnx.state(model, nnx.Param))
+                    lora=LORA_B, full_params=nnx.state(model, nnx.Param))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
