@@ -40,6 +40,7 @@ import optax
 from . import data as data_lib
 from . import methods as methods_lib
 from . import models, runner, stats, train
+from .language import lm_loss, lm_task  # the same loss and sampler; cfg gives context, batch
 
 VOCAB = 256  # bytes
 
@@ -74,22 +75,6 @@ def encode_bytes(text: str) -> np.ndarray:
 def model_of(cfg: LargeConfig) -> models.TinyGPT:
   return models.TinyGPT(vocab=VOCAB, d=cfg.d, n_layers=cfg.n_layers, heads=cfg.heads,
                         context=cfg.context)
-
-
-def lm_loss(model: models.TinyGPT, params: Any, windows: jax.Array) -> jax.Array:
-  logits = model.apply({"params": params}, windows[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
-
-
-def lm_task(model: models.TinyGPT, tokens: np.ndarray, cfg: LargeConfig) -> train.Task:
-  n = cfg.context + 1
-
-  def sample(key, toks):
-    starts = jax.random.randint(key, (cfg.batch,), 0, toks.shape[0] - n)
-    return jax.vmap(lambda s: jax.lax.dynamic_slice(toks, (s,), (n,)))(starts)
-
-  return train.Task(lambda p, b: lm_loss(model, p, b), sample, jnp.asarray(tokens),
-                    models.gpt_block_of)
 
 
 def cache_dir() -> str:
