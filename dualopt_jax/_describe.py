@@ -170,7 +170,7 @@ def describe(
     path            shape  depth  multiplier  rollback/step
     --------------  -----  -----  ----------  -------------
     Dense_0/kernel  2x2    0      1           0.01
-    Dense_1/kernel  2x2    1      0           0
+    Dense_1/kernel  2x2    1      0.25        0.0025
     head/kernel     2x1    -      -           -
   """
   if isinstance(source, _profile.LayerProfile):

@@ -21,11 +21,14 @@ DECAY_PROFILES = ("shallow", "deep", "flat")
 DEFAULT_WEIGHT_DECAY = 3e-3
 DEFAULT_DECAY_PROFILE = "shallow"
 DEFAULT_DECAY_FOLLOWS_LR = True
+# OLOR's reference uses 0; 0.25 keeps the last backbone layer pulled back (BUILD_NOTES.md).
+DEFAULT_ROLLBACK_FLOOR = 0.25
 
 
 # Arguments that only one mode, or one base optimizer, reads: given in the other, they raise.
 _MODE_DEFAULTS = MappingProxyType({
-  "finetune": MappingProxyType({"rollback": 0.01, "rollback_floor": 0.0}),
+  # Fine-tune defaults chosen on the evidence curves (BUILD_NOTES.md, "Fine-tune defaults").
+  "finetune": MappingProxyType({"rollback": 0.01, "rollback_floor": DEFAULT_ROLLBACK_FLOOR}),
   "scratch": MappingProxyType({
     "weight_decay": DEFAULT_WEIGHT_DECAY,
     "decay_profile": DEFAULT_DECAY_PROFILE,
@@ -189,7 +192,8 @@ def dualopt(
 
     with :math:`\rho` = ``rollback`` and :math:`f` = ``rollback_floor``: the
     shallowest layer is pulled back the fraction :math:`\rho` per step at the
-    peak learning rate, the deepest :math:`f\rho` (0 by default, as in OLOR).
+    peak learning rate, the deepest :math:`f\rho` (:math:`f` = 0.25 by
+    default; OLOR's reference code uses 0).
     ``head`` parameters get the plain optimizer step.
   * ``mode="scratch"`` (real-time layer-wise decay, anchor 0):
 
@@ -225,9 +229,11 @@ def dualopt(
       the shallowest layer (default 0.01, as the reference pipeline). Each
       mode's own arguments raise when given in the other mode.
     rollback_floor: the deepest backbone layer's rollback as a fraction of
-      ``rollback`` (OLOR's κ_min/κ_max; the reference uses 0). On a shallow
-      backbone whose last layer holds most weights, 0.25 cut forgetting a lot
-      (BUILD_NOTES.md, "Evidence"). Default 0.
+      ``rollback`` (OLOR's κ_min/κ_max). Default 0.25, chosen on the evidence
+      curves: with OLOR's 0 the deepest backbone layer is never pulled back,
+      and on a backbone whose last layers hold most weights forgetting stays
+      near Adam's (BUILD_NOTES.md, "Fine-tune defaults"). Pass 0.0 for the
+      reference behaviour.
     weight_decay: scratch mode's per-step fraction at the peak learning rate
       for the most decayed layer. The default 3e-3 was chosen by measurement
       (about half a typical Adam peak lr; scale it with your lr).
@@ -309,8 +315,8 @@ def dualopt(
     >>> print(dj.describe(nnx.state(model, nnx.LoRAParam), optimizer.opt_state))
     path                  shape  depth   multiplier  rollback/step
     --------------------  -----  ------  ----------  -------------
-    layers/0/lora/lora_b  2x4    0.3333  0.6667      0.006667
-    layers/1/lora/lora_b  2x4    0.6667  0.3333      0.003333
+    layers/0/lora/lora_b  2x4    0.3333  0.75        0.0075
+    layers/1/lora/lora_b  2x4    0.6667  0.5         0.005
     layers/0/lora/lora_a  4x2    -       -           -
     layers/1/lora/lora_a  4x2    -       -           -
 

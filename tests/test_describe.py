@@ -66,7 +66,7 @@ def _pull_fraction(p, u, u_plain, anchor) -> dict[str, np.ndarray]:
 
 
 def _dualopt():
-  return dj.dualopt(PEAK, rollback=0.2, power=2.0, head="head")
+  return dj.dualopt(PEAK, rollback=0.2, rollback_floor=0.0, power=2.0, head="head")
 
 
 def _not_head(p):
@@ -80,10 +80,12 @@ _WRAPPED = {
   "named_chain": lambda: optax.named_chain(("clip", optax.clip_by_global_norm(1.0)),
                                            ("dualopt", _dualopt())),
   "inject_hyperparams": lambda: optax.inject_hyperparams(dj.dualopt)(
-    learning_rate=PEAK, rollback=0.2, power=2.0, head="head", peak_learning_rate=PEAK),
+    learning_rate=PEAK, rollback=0.2, rollback_floor=0.0, power=2.0, head="head",
+    peak_learning_rate=PEAK),
   "MultiSteps": lambda: optax.MultiSteps(_dualopt(), every_k_schedule=2),
   "apply_if_finite": lambda: optax.apply_if_finite(_dualopt(), max_consecutive_errors=3),
-  "masked": lambda: optax.masked(dj.dualopt(PEAK, rollback=0.2, power=2.0), _not_head),
+  "masked": lambda: optax.masked(
+    dj.dualopt(PEAK, rollback=0.2, rollback_floor=0.0, power=2.0), _not_head),
 }
 
 
@@ -156,7 +158,8 @@ def test_partition_covers_both_dualopts() -> None:
 def test_injected_hyperparameters_show_after_an_update() -> None:
   params = make_params()
   tx = optax.inject_hyperparams(dj.dualopt)(
-    learning_rate=PEAK, rollback=0.2, power=2.0, head="head", peak_learning_rate=PEAK,
+    learning_rate=PEAK, rollback=0.2, rollback_floor=0.0, power=2.0, head="head",
+    peak_learning_rate=PEAK,
     optimizer="sgd", momentum=0.0,
   )
   state = tx.init(params)
@@ -186,7 +189,7 @@ def test_injected_hyperparameters_show_after_an_update() -> None:
 def test_injected_lr_schedule_table_equals_the_next_update() -> None:
   params = make_params()
   tx = optax.inject_hyperparams(dj.dualopt)(
-    learning_rate=schedule, rollback=0.2, head="head", peak_learning_rate=PEAK,
+    learning_rate=schedule, rollback=0.2, rollback_floor=0.0, head="head", peak_learning_rate=PEAK,
     optimizer="sgd", momentum=0.0,
   )
   state, p = tx.init(params), jax.tree.map(lambda x: x + 1.0, params)
@@ -214,7 +217,8 @@ class _Mlp(nnx.Module):
 
 def test_nnx_optimizer_state() -> None:
   model = _Mlp(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, dj.dualopt(PEAK, rollback=0.2, head="head"), wrt=nnx.Param)
+  tx = dj.dualopt(PEAK, rollback=0.2, rollback_floor=0.0, head="head")
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((2, 3))) ** 2))(model)
   optimizer.update(model, grads)
   rows = _rows(dj.describe(nnx.state(model, nnx.Param), optimizer.opt_state))
@@ -256,7 +260,8 @@ _NEXT_UPDATE = {
     lambda path, t: _finetune_lambda(path, t, floor=0.25, power=2.0),
   ),
   "finetune-sgd": (
-    lambda: dj.dualopt(schedule, rollback=0.2, head="head", optimizer="sgd", momentum=0.9,
+    lambda: dj.dualopt(schedule, rollback=0.2, rollback_floor=0.0, head="head", optimizer="sgd",
+                       momentum=0.9,
                        peak_learning_rate=PEAK),
     _sgd_ref, "rollback", _finetune_lambda,
   ),
@@ -314,7 +319,8 @@ def test_stacked_layers_table_equals_the_next_update() -> None:
   anchor = {"embed": {"embedding": jnp.linspace(-1.0, 1.0, 10).reshape(5, 2)},
             "layers": {"kernel": jnp.arange(12.0).reshape(3, 2, 2) / 10 + 0.5},
             "head": {"kernel": jnp.ones((2, 2))}}
-  tx = dj.dualopt(PEAK, rollback=0.3, optimizer="sgd", momentum=0.0, head="head",
+  tx = dj.dualopt(PEAK, rollback=0.3, rollback_floor=0.0, optimizer="sgd", momentum=0.0,
+                  head="head",
                   stacked="layers")
   state = tx.init(anchor)
   p = jax.tree.map(lambda x: x + 2.0, anchor)
@@ -393,7 +399,8 @@ def checkpointed_tx():
     optax.clip_by_global_norm(10.0),
     dj.layerwise_lr_decay(0.8),
     optax.inject_hyperparams(dj.dualopt)(
-      learning_rate=PEAK, rollback=0.2, power=2.0, head="head", peak_learning_rate=PEAK),
+      learning_rate=PEAK, rollback=0.2, rollback_floor=0.0, power=2.0, head="head",
+      peak_learning_rate=PEAK),
     dj.project_to_anchor(optax.linear_schedule(1.0, 0.5, 4),
                          layer_scale=dj.LayerProfile(1.0, 0.5, granularity="tensor"),
                          mask="Dense_*"),

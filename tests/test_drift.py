@@ -147,7 +147,8 @@ def test_nnx_state_and_custom_grouping() -> None:
 def test_nnx_optimizer_state_gives_anchor_and_strengths() -> None:
   model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
   state0 = {k: np.asarray(v, np.float64) for k, v in _np(nnx.state(model, nnx.Param)).items()}
-  optimizer = nnx.Optimizer(model, dj.dualopt(0.1, rollback=0.2), wrt=nnx.Param)
+  tx = dj.dualopt(0.1, rollback=0.2, rollback_floor=0.0)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((2, 3))) ** 2))(model)
   optimizer.update(model, grads)
   out = drift(nnx.state(model, nnx.Param), optimizer.opt_state)
@@ -193,7 +194,8 @@ def _of(out, kind):
 
 def test_rollback_equals_the_next_update_along_the_lr_schedule() -> None:
   anchor = _params()
-  tx = dj.dualopt(schedule, rollback=0.2, power=2.0, head="head", peak_learning_rate=PEAK)
+  tx = dj.dualopt(schedule, rollback=0.2, rollback_floor=0.0, power=2.0, head="head",
+                  peak_learning_rate=PEAK)
   ref = optax.chain(optax.scale_by_adam(eps_root=0.0), optax.scale_by_learning_rate(schedule))
   state, ref_state, p = tx.init(anchor), ref.init(anchor), _away(anchor)
   logged = jax.jit(lambda p, s: drift(p, s))
@@ -247,7 +249,8 @@ def test_masked_rollback_along_the_lr_schedule() -> None:
 def test_inject_hyperparams_changed_mid_run() -> None:
   anchor = _params()
   tx = optax.inject_hyperparams(dj.dualopt)(
-    learning_rate=PEAK, rollback=0.2, head="head", peak_learning_rate=PEAK, optimizer="sgd",
+    learning_rate=PEAK, rollback=0.2, rollback_floor=0.0, head="head", peak_learning_rate=PEAK,
+    optimizer="sgd",
     momentum=0.0,
   )
   state, p = tx.init(anchor), _away(anchor)

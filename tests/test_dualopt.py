@@ -145,6 +145,20 @@ def test_finetune_matches_numpy_reference(
   assert np.abs(plain["embed"]["embedding"] - expected["embed"]["embedding"]).max() > 1e-3
 
 
+def test_finetune_defaults_are_the_documented_rollback_and_floor(dtype: str) -> None:
+  # Documented defaults (docstring, BUILD_NOTES "Fine-tune defaults"): rollback 0.01, floor 0.25,
+  # linear profile, Adam(0.9, 0.999, 1e-8).
+  params = _cast(_model_params(1), dtype)
+  noise = _noise(params, STEPS, seed=5)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, PEAK, WARMUP, STEPS, end_value=0.0)
+  tx = dj.dualopt(schedule, head="head", peak_learning_rate=PEAK)
+  lr = ref.warmup_cosine(PEAK, WARMUP, STEPS)
+  by_hand = {b: 0.25 + (1.0 - i / 3) * 0.75 for i, b in enumerate(BLOCK_ORDER)}
+  expected = _run_reference(params, noise, STEPS, by_hand, lr=lr,
+                            fraction=lambda t: 0.01 * lr(t) / PEAK)
+  _assert_close(_run_optax(tx, params, noise, STEPS), expected, dtype)
+
+
 @pytest.mark.parametrize(
   ("profile", "follows_lr"), [("shallow", True), ("deep", False), ("flat", True)]
 )
@@ -214,7 +228,10 @@ def test_olor_tensor_granularity_on_linen_mlp(optimizer: str, dtype: str) -> Non
 def test_bf16_params_keep_dtype_and_follow_reference_loosely() -> None:
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _model_params())
   noise = _noise(params, 50)
-  tx = dj.dualopt(1e-2, rollback=0.05, head="head", anchor_dtype=jnp.bfloat16)
+  # Floor 0: with the default floor the last layer's small per-step pull is partly lost to bf16
+  # rounding (7 % on a 4-element bias after 50 steps; BUILD_NOTES "Known limits").
+  tx = dj.dualopt(1e-2, rollback=0.05, rollback_floor=0.0, head="head",
+                  anchor_dtype=jnp.bfloat16)
   out = _run_optax(tx, params, noise, 50)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
   by_hand = {b: 1.0 - i / 3 for i, b in enumerate(BLOCK_ORDER)}

@@ -167,7 +167,8 @@ def _dualopt_injected_run(make_tx: Callable[..., optax.GradientTransformation]) 
   noise = _noise(params, steps)
   lrs = [1e-2, 1e-2, 5e-3, 5e-3, 5e-3, 2e-3, 1e-2, 1e-2]
   rollbacks = [0.1, 0.1, 0.1, 0.3, 0.3, 0.3, 0.0, 0.5]
-  tx = make_tx(learning_rate=lrs[0], rollback=rollbacks[0], peak_learning_rate=peak)
+  tx = make_tx(learning_rate=lrs[0], rollback=rollbacks[0], rollback_floor=0.0,
+               peak_learning_rate=peak)
   traces = []
 
   @jax.jit
@@ -509,7 +510,8 @@ def test_inject_hyperparams_power_changes_the_profile() -> None:
   """The per-leaf scales live in the state, but an injected ``power`` still takes effect."""
   params = {"layers_0": {"w": jnp.ones(2)}, "layers_1": {"w": jnp.ones(2)},
             "layers_2": {"w": jnp.ones(2)}}
-  tx = optax.inject_hyperparams(dj.dualopt)(learning_rate=0.1, rollback=0.5, optimizer="sgd",
+  tx = optax.inject_hyperparams(dj.dualopt)(learning_rate=0.1, rollback=0.5, rollback_floor=0.0,
+                                            optimizer="sgd",
                                             momentum=0.0)
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)

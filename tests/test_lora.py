@@ -463,7 +463,7 @@ def test_qwix_model_through_nnx_optimizer_rolls_b_back_and_leaves_a_plain(llama3
   model, _, inputs = llama3_pair
   model = nnx.clone(model)
   lr, rollback = 1e-2, 0.2
-  tx = dj.dualopt(lr, rollback=rollback, lora="**/*_lora_b",
+  tx = dj.dualopt(lr, rollback=rollback, rollback_floor=0.0, lora="**/*_lora_b",
                   full_params=nnx.state(model, nnx.Param))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
   loss = lambda m: jnp.mean(m(*inputs)[0] ** 2)

@@ -43,6 +43,8 @@ class LanguageConfig:
   up_chars: int = 600_000
   methods: tuple[str, ...] | None = None
   chunk: int = 50
+  # None: plain Adam chooses the base lr on validation; a value fixes it.
+  base_lr: float | None = None
 
 
 def model_of(cfg: LanguageConfig) -> models.TinyGPT:
@@ -115,7 +117,7 @@ def run(cfg: LanguageConfig, *, progress: bool = True, log=print) -> dict[str, A
   methods_lib.check_grids(methods)
   protocol = runner.Protocol(
     steps=cfg.finetune_steps, select_metric="down_val_loss", select_higher=False, head=None,
-    chunk=cfg.chunk,
+    chunk=cfg.chunk, base_lr=cfg.base_lr or 1e-3, base_lr_from=None if cfg.base_lr else "adam",
   )
   seed_keys = jax.vmap(lambda s: jax.random.PRNGKey(2000 + s))(jnp.arange(cfg.seeds))
   template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.context), jnp.int32))["params"]

@@ -114,7 +114,7 @@ def _dualopt(granularity: str) -> Callable[[Context, Any], optax.GradientTransfo
   def build(ctx: Context, hp: Any) -> optax.GradientTransformation:
     return dj.dualopt(
       cosine(ctx.base_lr, ctx.steps), mode="finetune", rollback=hp, granularity=granularity,
-      head=ctx.head, peak_learning_rate=ctx.base_lr,
+      head=ctx.head, peak_learning_rate=ctx.base_lr, rollback_floor=0.0,
       order=ctx.order if granularity == "tensor" else None,
     )
 
@@ -254,9 +254,9 @@ def transfer_methods() -> list[Method]:
     Method("dualopt_default", "defaults", (0.0,), _dualopt_default, fixed=True,
            note="dj.dualopt(schedule, peak_learning_rate=base lr, head=...) and nothing else"),
     Method("dualopt_block", "rollback", ROLLBACK_GRID, _dualopt("block"),
-           note="DualOpt fine-tune, one depth per block"),
+           note="DualOpt fine-tune, one depth per block, floor 0 (OLOR's profile)"),
     Method("dualopt_tensor", "rollback", ROLLBACK_GRID, _dualopt("tensor"),
-           note="DualOpt fine-tune, one depth per tensor"),
+           note="DualOpt fine-tune, one depth per tensor, floor 0 (OLOR's profile)"),
     Method("dualopt_block_floor", "rollback", ROLLBACK_GRID, _rollback_with_floor,
            note="ablation: block rollback with kappa_min = rollback/4 (composed from rollback_to)"),
     Method("uniform_rollback", "rollback", ROLLBACK_GRID, _uniform_rollback,

@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from . import curves, language, plots, runner, scratch, stats, summarize, vision
 
 BENCHES = ("vision", "language", "scratch-vision", "scratch-language")
@@ -102,6 +104,39 @@ def curve_report(res: dict, out: str, stem: str, title: str, **plot_labels: str)
 
 _STEMS = {"vision": "vision_transfer", "language": "language_transfer",
           "scratch-vision": "scratch_vision", "scratch-language": "scratch_language"}
+_CONFIGS = {"vision": vision.VisionConfig, "language": language.LanguageConfig}
+_RUNS = {"vision": vision.run, "language": language.run}
+
+
+def merge_bench(bench: str, out: str, methods: tuple[str, ...], *, progress: bool) -> str:
+  """Reruns ``methods`` with the configuration stored in ``out``'s JSON and replaces their rows.
+
+  For a method whose code changed (a library default, say): the base lr is the one stored,
+  the pre-training is redone from the same seeds and must reproduce the stored upstream
+  numbers, so the merged rows are comparable with the rest.
+  """
+  if bench not in _CONFIGS:
+    raise SystemExit(f"--merge: only {sorted(_CONFIGS)} are merged, not {bench!r}")
+  path = os.path.join(out, _STEMS[bench] + ".json")
+  with open(path) as f:
+    old = json.load(f)
+  base = [e["base_lr"] for e in old["methods"].values() if e.get("base_lr")]
+  cfg = _CONFIGS[bench](**{**old["config"], "methods": methods, "base_lr": base[0]})
+  new = _RUNS[bench](cfg, progress=progress)
+  for key, value in old["pretrain"].items():
+    if isinstance(value, dict) and not np.allclose(new["pretrain"][key]["values"], value["values"],
+                                                   rtol=1e-5, atol=1e-7):
+      raise SystemExit(f"--merge: pre-training did not reproduce {key} ({new['pretrain'][key]} "
+                       f"vs {value}); rerun the whole benchmark instead")
+  missing = [m for m in methods if m not in new["methods"]]
+  if missing:
+    raise SystemExit(f"--merge: no such method(s) {missing}")
+  old["methods"].update(new["methods"])
+  old.setdefault("merged", []).append(
+    {"methods": list(methods), "seconds": new["seconds_total"], "jax": new["jax"],
+     "command": f"python -m examples.evidence.run_all {bench} --out {out} "
+                f"--merge {','.join(methods)}"})
+  return report(bench, old, out)
 
 
 def run_bench(bench: str, out: str, *, seeds: int | None, scale: float, progress: bool,
@@ -121,7 +156,7 @@ def run_bench(bench: str, out: str, *, seeds: int | None, scale: float, progress
     cfg = language.LanguageConfig()
     cfg.pretrain_steps, cfg.finetune_steps = s(cfg.pretrain_steps), s(cfg.finetune_steps)
     cfg.seeds = seeds or cfg.seeds
-    cfg.methods = methods
+    cfg.base_lr, cfg.methods = base_lr, methods
     res = language.run(cfg, progress=progress)
   else:
     cfg = scratch.ScratchConfig()
@@ -144,11 +179,19 @@ def main(argv: list[str] | None = None) -> int:
                       "(the sensitivity run; write it to another --out)")
   parser.add_argument("--methods", default=None,
                       help="comma-separated subset of the transfer methods (default: all)")
+  parser.add_argument("--merge", default=None,
+                      help="comma-separated methods to rerun into the JSON already in --out "
+                      "(same configuration and base lr); the other rows are kept")
   parser.add_argument("--from-json", action="store_true",
                       help="do not train: rewrite tables and plots from the JSON in --out")
   args = parser.parse_args(argv)
   for bench in BENCHES if args.bench == "all" else (args.bench,):
     start = time.perf_counter()
+    if args.merge:
+      text = merge_bench(bench, args.out, tuple(args.merge.split(",")),
+                         progress=not args.no_progress)
+      print(f"\n== {bench} (merged, {time.perf_counter() - start:.0f} s)\n{text}\n", flush=True)
+      continue
     if args.from_json:
       path = os.path.join(args.out, _STEMS[bench] + ".json")
       if os.path.exists(path):
