@@ -133,9 +133,6 @@ def test_vision_transfer_smoke(tmp_path):
   assert len(rows) == 5 and all(len(r) == len(header) for r in rows)
   stats.write_json(str(tmp_path / "r.json"), res)
   stats.write_csv(str(tmp_path / "r.csv"), runner.csv_rows("v", res["methods"], res["seeds"]))
-  plots.tradeoff(res, str(tmp_path / "t.png"), x_metric="forgetting", y_metric="down_test_acc",
-                 x_label="x", y_label="y", title="t")
-  plots.drift(res, str(tmp_path / "d.png"))
   plots.curves(res, str(tmp_path / "c.png"), chosen=curves.chosen_indices(res),
                spec=curves.spec_of(res), title="t")
   plots.drift_panels(res, str(tmp_path / "p.png"), methods=("adam", "wise_ft", "dualopt_block"),

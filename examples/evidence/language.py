@@ -153,7 +153,7 @@ def table_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
       rows.append([name, e.get("status", "?")[:60], "-", "-", "-", "-"])
       continue
     s = e["selected"]
-    rows.append([name, f"{e['hp_name']}={e['selected_hp']:g}", stats.fmt(s["down_test_loss"], 1, 3),
+    rows.append([name, stats.setting(e), stats.fmt(s["down_test_loss"], 1, 3),
                  stats.fmt(s["up_test_loss"], 1, 3), stats.fmt(s["forgetting"], 1, 3),
                  f"{e['seconds']:.0f}"])
   return header, rows

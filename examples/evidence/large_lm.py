@@ -10,8 +10,8 @@
    inputs reuses them, nothing is downloaded.
 2. Fine-tune on the pydoc topics prose with the main methods, each at one
    strength (the value the small language benchmark chose under the retention
-   constraint, ``STRENGTHS``), at one base lr, over ``seeds`` fine-tuning seeds
-   (batch order). WiSE-FT sweeps alpha over Adam's weights.
+   constraint, read from ``results/language_transfer.json``), at one base lr,
+   over ``seeds`` fine-tuning seeds (batch order). WiSE-FT sweeps alpha over Adam's weights.
 3. Report downstream test loss, loss on stdlib docstrings (the shifted prose),
    upstream test loss and forgetting, paired by seed against Adam.
 
@@ -37,16 +37,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import curves, models, runner, stats, train
 from . import data as data_lib
 from . import methods as methods_lib
-from . import models, runner, stats, train
 from .language import lm_loss, lm_task  # the same loss and sampler; cfg gives context, batch
 
 VOCAB = 256  # bytes
 
-# One strength per method, from the small language benchmark's constrained choices.
-STRENGTHS = {"l2sp_decoupled": 0.36, "spd": 0.59, "uniform_rollback": 0.026,
-             "dualopt_block": 0.059}
+# One strength per method: the small language benchmark's constrained choice, read from its
+# committed results (run `python -m examples.evidence.run_all language` first to change them).
+SMALL_RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "results",
+                             "language_transfer.json")
 MAIN = ("adam", "wise_ft", "l2sp_decoupled", "spd", "uniform_rollback", "dualopt_default",
         "dualopt_block", "olor_ref")
 
@@ -60,9 +61,9 @@ class LargeConfig:
   context: int = 64
   batch: int = 16
   up_chars: int = 2_000_000
-  pretrain_steps: int = 3000
+  pretrain_steps: int = 2000
   pretrain_lr: float = 1e-3
-  finetune_steps: int = 300
+  finetune_steps: int = 150
   base_lr: float = 1e-3
   eval_windows: int = 64
   chunk: int = 50
@@ -117,7 +118,20 @@ def pretrained(cfg: LargeConfig, up_train: np.ndarray, *, progress: bool, log=pr
   return pre, run.seconds, path
 
 
-def main_methods(names: tuple[str, ...], cfg: LargeConfig) -> list[methods_lib.Method]:
+def small_benchmark_strengths(path: str = SMALL_RESULTS) -> dict[str, float]:
+  """Each method's constrained choice in the small language benchmark's results."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"large_lm: the strengths come from {path}; run "
+                            "`python -m examples.evidence.run_all language` first")
+  with open(path) as f:
+    res = json.load(f)
+  chosen = curves.chosen_indices(res)
+  return {name: float(res["methods"][name]["grid"][k]) for name, k in chosen.items()
+          if k is not None}
+
+
+def main_methods(names: tuple[str, ...], cfg: LargeConfig,
+                 strengths: dict[str, float]) -> list[methods_lib.Method]:
   """The registry's methods at one strength each (adam and olor_ref at the base lr)."""
   out = []
   for m in methods_lib.transfer_methods():
@@ -128,7 +142,9 @@ def main_methods(names: tuple[str, ...], cfg: LargeConfig) -> list[methods_lib.M
     elif m.name in ("adam", "olor_ref"):
       out.append(dataclasses.replace(m, grid=(cfg.base_lr,), fixed=True))
     else:
-      out.append(dataclasses.replace(m, grid=(STRENGTHS[m.name],), fixed=True))
+      if m.name not in strengths:
+        raise KeyError(f"large_lm: {m.name} has no constrained choice in {SMALL_RESULTS}")
+      out.append(dataclasses.replace(m, grid=(strengths[m.name],), fixed=True))
   return out
 
 
@@ -172,7 +188,9 @@ def run(cfg: LargeConfig, *, names: tuple[str, ...] = MAIN, progress: bool = Tru
                              base_lr=cfg.base_lr, base_lr_from=None)
   seed_keys = jax.vmap(lambda s: jax.random.PRNGKey(2000 + s))(jnp.arange(cfg.seeds))
   template = jax.tree.map(lambda x: x, pre)
-  results = runner.run_methods(main_methods(names, cfg), lm_task(model, down_train, cfg),
+  strengths = small_benchmark_strengths()
+  results = runner.run_methods(main_methods(names, cfg, strengths),
+                               lm_task(model, down_train, cfg),
                                params0, seed_keys, evaluate, protocol, progress=progress,
                                log=log, template=template)
   return {
@@ -181,7 +199,7 @@ def run(cfg: LargeConfig, *, names: tuple[str, ...] = MAIN, progress: bool = Tru
     "n_params": int(n_params),
     "seeds": list(range(cfg.seeds)),
     "pretrain": {**pre_metrics, "seconds": pre_s, "cache": os.path.basename(cache_path)},
-    "strengths": STRENGTHS,
+    "strengths": {m: strengths[m] for m in names if m in strengths},
     "methods": results,
     "seconds_total": time.perf_counter() - t0,
     "jax": jax.__version__,
@@ -203,7 +221,7 @@ def table(res: dict[str, Any]) -> str:
     if adam.get("status") == "ok" and name != "adam":
       p = stats.paired(g["forgetting"][k], np.asarray(adam["grid_metrics"]["forgetting"])[0])
       delta = f"{p['mean']:+.3f} ± {p['std']:.3f} (t={p['t']:.1f})"
-    label = "defaults" if name == "dualopt_default" else f"{e['hp_name']}={e['grid'][k]:g}"
+    label = stats.setting(e, k)
     rows.append([name, label, *(stats.fmt(stats.summary(g[m][k]), 1, 3) for m in (
       "down_test_loss", "down_shift_loss", "up_test_loss")), delta])
   return stats.table(rows, header)

@@ -24,6 +24,14 @@ def select(score: np.ndarray, tiebreak: np.ndarray | None = None, *, higher: boo
   return int(tied[0])
 
 
+def setting(entry: dict[str, Any], k: int | None = None) -> str:
+  """A method's setting at grid index ``k`` (default: its validation choice), for labels."""
+  if entry["hp_name"] == "defaults":
+    return "library defaults"
+  value = entry["selected_hp"] if k is None else entry["grid"][k]
+  return f"{entry['hp_name']}={value:g}"
+
+
 def summary(values: Sequence[float]) -> dict[str, Any]:
   v = np.asarray(values, np.float64)
   return {

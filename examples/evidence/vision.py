@@ -169,7 +169,7 @@ def table_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
       continue
     s = e["selected"]
     rows.append([
-      name, f"{e['hp_name']}={e['selected_hp']:g}", stats.fmt(s["down_test_acc"], 100, 1),
+      name, stats.setting(e), stats.fmt(s["down_test_acc"], 100, 1),
       stats.fmt(s["up_test_acc"], 100, 1), stats.fmt(s["forgetting"], 100, 1),
       f"{e['seconds']:.0f}",
     ])
