@@ -2,7 +2,7 @@
 
 ``make demo`` (= ``python examples/demo.py``) runs the quick version -- shorter
 training, the main methods (``DEMO_METHODS``), every grid value, 5 seeds --
-in under five minutes on two CPU cores. It first says, in plain words,
+in about three minutes on two CPU cores. It first says, in plain words,
 whether ``dj.dualopt`` at its defaults forgot less than Adam at the same
 learning rate, then prints the tables and writes, under ``--out`` (default
 ``results/demo``)::
