@@ -109,7 +109,8 @@ def test_linen_train_state_with_dualopt() -> None:
   lr, rollback, steps = 1e-2, 0.2, 6
   noise = _noise(params, steps)
   state = train_state.TrainState.create(
-    apply_fn=model.apply, params=params, tx=dj.dualopt(lr, rollback=rollback, head="head")
+    apply_fn=model.apply, params=params,
+    tx=dj.dualopt(lr, rollback=rollback, rollback_floor=0.0, head="head"),
   )
 
   @jax.jit
@@ -184,7 +185,7 @@ def test_nnx_optimizer_block_granularity(mode: str) -> None:
   lr, strength, steps = 1e-2, 0.2, 6
   noise = _noise(params0, steps)
   if mode == "finetune":
-    tx = dj.dualopt(lr, rollback=strength)
+    tx = dj.dualopt(lr, rollback=strength, rollback_floor=0.0)
   else:
     tx = dj.dualopt(lr, mode="scratch", weight_decay=strength, decay_profile="shallow")
   optimizer = _train_nnx(model, tx, noise, steps)
@@ -276,7 +277,7 @@ def test_nnx_masks_built_from_nnx_state() -> None:
   noise = _noise(params0, steps)
 
   head = jax.tree_util.tree_map_with_path(lambda kp, _: kp[0].key == "head", state)
-  _train_nnx(model, dj.dualopt(lr, rollback=0.2, head=head), noise, steps)
+  _train_nnx(model, dj.dualopt(lr, rollback=0.2, rollback_floor=0.0, head=head), noise, steps)
   # Head excluded from the profile: embed 0, layers_0 1/2, layers_1 1; head plain Adam.
   multiplier = _by_block(params0, {"embed": 1.0, "layers_0": 0.5, "layers_1": 0.0, "head": 0.0})
   _assert_close(nnx.state(model, nnx.Param),
@@ -381,7 +382,7 @@ def test_linen_scan_per_slice_strengths() -> None:
   lr, rho = 0.5, 0.5
   loss = lambda p: jnp.sum(model.apply({"params": p}, tokens) ** 2)
   grads = jax.grad(loss)(params)
-  tx = dj.dualopt(lr, rollback=rho, optimizer="sgd", momentum=0.0)
+  tx = dj.dualopt(lr, rollback=rho, rollback_floor=0.0, optimizer="sgd", momentum=0.0)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   after = optax.apply_updates(params, updates)
   _check_one_step_per_slice(_flat(params), _flat(grads), _flat(after), lr, rho, "layers/")
@@ -407,7 +408,8 @@ def test_nnx_vmap_per_slice_strengths() -> None:
   loss = lambda m: jnp.sum(m(tokens) ** 2)
   grads = _flat(nnx.grad(loss)(model))
   optimizer = nnx.Optimizer(
-    model, dj.dualopt(lr, rollback=rho, optimizer="sgd", momentum=0.0), wrt=nnx.Param
+    model, dj.dualopt(lr, rollback=rho, rollback_floor=0.0, optimizer="sgd", momentum=0.0),
+    wrt=nnx.Param,
   )
 
   @nnx.jit
