@@ -11,6 +11,8 @@ in the same process:
                     (p, m, v) from inputs (g, p, m, v, anchor)
 * ``packed``     -- the two moments stored as one buffer ``(..., 2)`` per leaf,
                     so the moment update is one loop with one output
+* ``grouped``    -- leaves of one shape stacked into one buffer per role (as
+                    scanned layers are), one fraction per stacked slice
 * ``flat``       -- every leaf concatenated into one vector per role (the
                     best case of grouping: no concatenation cost counted)
 * ``flat+ravel`` -- ``flat`` with grads and params concatenated every step
@@ -121,6 +123,38 @@ def _flat_layout(params: Any) -> tuple[Any, Any]:
   return ravel, unravel
 
 
+def _grouped_layout(params: Any, lam: Any) -> tuple[Any, Any, Any]:
+  """Stacks same-shape leaves: (ravel tree -> {shape: (k, *shape)}, unravel, fractions)."""
+  leaves = jax.tree.leaves(params)
+  treedef = jax.tree.structure(params)
+  shapes = sorted({x.shape for x in leaves})
+  members = {sh: [i for i, x in enumerate(leaves) if x.shape == sh] for sh in shapes}
+
+  def ravel(tree):
+    xs = jax.tree.leaves(tree)
+    return {str(sh): jnp.stack([xs[i] for i in idx]) for sh, idx in members.items()}
+
+  def unravel(groups):
+    out = [None] * len(leaves)
+    for sh, idx in members.items():
+      for j, i in enumerate(idx):
+        out[i] = groups[str(sh)][j]
+    return jax.tree.unflatten(treedef, out)
+
+  lams = jax.tree.leaves(lam)
+  fractions = {str(sh): jnp.stack([lams[i] for i in idx]).reshape((-1,) + (1,) * len(sh))
+               for sh, idx in members.items()}
+  return ravel, unravel, fractions
+
+
+def grouped_step(p, state, g):
+  m, v, a, lam, count = state
+  count = count + 1
+  out = {k: _adam_leaf(g[k], p[k], m[k], v[k], a[k], lam[k], count) for k in p}
+  return ({k: o[0] for k, o in out.items()},
+          ({k: o[1] for k, o in out.items()}, {k: o[2] for k, o in out.items()}, a, lam, count))
+
+
 def build(spec: _trees.TreeSpec) -> dict[str, tuple[Any, Any, Any, Any]]:
   """name -> (jitted step, params, state, grads), every state at step 0."""
   params = _trees.make_params(spec)
@@ -141,6 +175,10 @@ def build(spec: _trees.TreeSpec) -> dict[str, tuple[Any, Any, Any, Any]]:
   mv = jax.tree.map(lambda p: jnp.zeros(p.shape + (2,), p.dtype), params)
   methods["packed"] = (jax.jit(packed_step, donate_argnums=(0, 1)), copy(params),
                        (mv, copy(params), copy(lam), count()), grads)
+  g_ravel, _g_unravel, g_lam = _grouped_layout(params, lam)
+  gp = g_ravel(params)
+  methods["grouped"] = (jax.jit(grouped_step, donate_argnums=(0, 1)), gp,
+                        (zeros(gp), zeros(gp), copy(gp), g_lam, count()), g_ravel(grads))
   flat_p, flat_g = ravel(params), ravel(grads)
   flat_state = (jnp.zeros_like(flat_p), jnp.zeros_like(flat_p), jnp.array(flat_p), flat_lam,
                 count())
@@ -173,7 +211,10 @@ def check_same_numbers(spec: _trees.TreeSpec, steps: int = 5) -> dict[str, float
     for _ in range(steps):
       p, s = step(p, s, g)
     out[name] = p
-  ravel = _flat_layout(_trees.make_params(spec))[0]
+  base = _trees.make_params(spec)
+  ravel = _flat_layout(base)[0]
+  unravel_grouped = _grouped_layout(base, _fractions(base))[1]
+  out["grouped"] = unravel_grouped(out["grouped"])
   ref = np.asarray(ravel(out["leaf"]))
   diffs = {}
   for name, p in out.items():
