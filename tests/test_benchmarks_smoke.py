@@ -74,3 +74,15 @@ def test_compile_time_smoke(tmp_path):
   assert {r["n_leaves"] for r in rows} == {8, 29}
   assert all(r["compile_s"] > 0 for r in rows)
   assert (tmp_path / "compile_time_tiny.json").exists()
+
+
+def test_proto_fused_adam_layouts_agree_and_time():
+  import proto_fused_adam
+
+  tiny = _trees.TINY_SIZES[0]
+  diffs = proto_fused_adam.check_same_numbers(tiny, steps=3)
+  assert set(diffs) == {"dualopt", "leaf", "packed", "grouped", "flat", "flat+ravel"}
+  assert all(d < 1e-5 for d in diffs.values()), diffs
+  rows = proto_fused_adam.time_size(tiny, rounds=1, block=1)
+  assert [r["method"] for r in rows][0] == "adamw" and len(rows) == 7
+  assert all(r["fusions"] > 0 and r["ms"] > 0 for r in rows)
