@@ -229,7 +229,7 @@ def test_bf16_params_keep_dtype_and_follow_reference_loosely() -> None:
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _model_params())
   noise = _noise(params, 50)
   # Floor 0: with the default floor the last layer's small per-step pull is partly lost to bf16
-  # rounding (7 % on a 4-element bias after 50 steps; BUILD_NOTES "Known limits").
+  # rounding (7 % on a 4-element bias after 50 steps; BUILD_NOTES "Fine-tune defaults").
   tx = dj.dualopt(1e-2, rollback=0.05, rollback_floor=0.0, head="head",
                   anchor_dtype=jnp.bfloat16)
   out = _run_optax(tx, params, noise, 50)

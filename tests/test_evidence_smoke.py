@@ -143,6 +143,33 @@ def test_vision_transfer_smoke(tmp_path):
   assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "p.png").exists()
 
 
+def test_merge_reruns_one_method_into_stored_results(tmp_path):
+  from evidence import run_all
+
+  cfg = vision.VisionConfig(seeds=2, pretrain_steps=4, finetune_steps=6, batch=16, chunk=6,
+                            methods=("adam", "dualopt_default"))
+  res = vision.run(cfg, progress=False, log=lambda _s: None)
+  res["command"] = "smoke"
+  run_all.report("vision", res, str(tmp_path))
+  path = tmp_path / "vision_transfer.json"
+  stored = json.loads(path.read_text())
+  stored["methods"]["dualopt_default"]["grid_metrics"]["down_test_acc"] = [[-1.0, -1.0]]
+  path.write_text(json.dumps(stored))
+  run_all.merge_bench("vision", str(tmp_path), ("dualopt_default",), progress=False)
+  merged = json.loads(path.read_text())
+  assert merged["methods"]["dualopt_default"]["grid_metrics"]["down_test_acc"] == \
+    res["methods"]["dualopt_default"]["grid_metrics"]["down_test_acc"]  # rerun, not kept
+  assert merged["methods"]["adam"] == stored["methods"]["adam"]  # other rows kept
+  assert merged["merged"][0]["methods"] == ["dualopt_default"]
+  # A pre-training that does not reproduce the stored one refuses to merge.
+  stored["pretrain"]["up_test_acc"]["values"] = [0.0, 0.0]
+  path.write_text(json.dumps(stored))
+  with pytest.raises(SystemExit, match="did not reproduce"):
+    run_all.merge_bench("vision", str(tmp_path), ("dualopt_default",), progress=False)
+  with pytest.raises(SystemExit):  # options --merge would ignore are refused
+    run_all.main(["vision", "--out", str(tmp_path), "--merge", "adam", "--seeds", "3"])
+
+
 def test_language_transfer_smoke():
   cfg = language.LanguageConfig(seeds=2, pretrain_steps=4, finetune_steps=4, chunk=4,
                                 methods=("dualopt_block",), **TINY_LM)

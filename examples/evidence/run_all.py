@@ -121,6 +121,8 @@ def merge_bench(bench: str, out: str, methods: tuple[str, ...], *, progress: boo
   with open(path) as f:
     old = json.load(f)
   base = [e["base_lr"] for e in old["methods"].values() if e.get("base_lr")]
+  if not base:
+    raise SystemExit(f"--merge: {path} records no base lr to rerun at")
   cfg = _CONFIGS[bench](**{**old["config"], "methods": methods, "base_lr": base[0]})
   new = _RUNS[bench](cfg, progress=progress)
   for key, value in old["pretrain"].items():
@@ -131,6 +133,9 @@ def merge_bench(bench: str, out: str, methods: tuple[str, ...], *, progress: boo
   missing = [m for m in methods if m not in new["methods"]]
   if missing:
     raise SystemExit(f"--merge: no such method(s) {missing}")
+  failed = {m: e["status"] for m, e in new["methods"].items() if e.get("status") != "ok"}
+  if failed:  # e.g. a post-hoc method merged without the method it reads
+    raise SystemExit(f"--merge: nothing written, these did not run: {failed}")
   old["methods"].update(new["methods"])
   old.setdefault("merged", []).append(
     {"methods": list(methods), "seconds": new["seconds_total"], "jax": new["jax"],
@@ -185,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--from-json", action="store_true",
                       help="do not train: rewrite tables and plots from the JSON in --out")
   args = parser.parse_args(argv)
+  if args.merge:
+    ignored = [flag for flag, given in (("--methods", args.methods), ("--base-lr", args.base_lr),
+                                         ("--seeds", args.seeds),
+                                         ("--steps-scale", args.steps_scale != 1.0),
+                                         ("--from-json", args.from_json)) if given]
+    if ignored:
+      parser.error(f"--merge reruns with the configuration stored in --out; {', '.join(ignored)} "
+                   "would be ignored")
   for bench in BENCHES if args.bench == "all" else (args.bench,):
     start = time.perf_counter()
     if args.merge:
