@@ -14,7 +14,7 @@ from dualopt_jax._lr_decay import (
   lr_decay_exponents,
 )
 from dualopt_jax._paths import path_filter
-from dualopt_jax._profile import LayerProfile, LayerScaleState
+from dualopt_jax._profile import LayerProfile, LayerScaleState, SharedValue
 from dualopt_jax._projection import ProjectionState, project_to_anchor
 from dualopt_jax._rollback import (
   LayerwiseDecayState,
@@ -37,6 +37,7 @@ __all__ = [
   "ProjectionState",
   "RollbackState",
   "SPDState",
+  "SharedValue",
   "abstract_state",
   "add_l2sp_gradient",
   "anchor_from_state",

@@ -1,13 +1,16 @@
 """Per-layer strengths as data: ``LayerProfile`` and the per-leaf state that carries it.
 
 A ``layer_scale`` (the per-leaf multiplier of a rollback, decay, radius, ...)
-is resolved once, at ``init``, into per-leaf float32 operands stored in the
-optimizer state -- depths for a :class:`LayerProfile`, the values themselves
-for a pytree or a ``params -> pytree`` callable. ``update`` combines them with the
+is resolved once, at ``init``, into float32 operands stored in the optimizer
+state -- heights ``1 - depth`` for a :class:`LayerProfile`, the values
+themselves for a pytree or a ``params -> pytree`` callable -- one per distinct
+value, with the paths that use it (:class:`SharedValue`). ``update`` combines them with the
 transformation's *current* numbers (``start``, ``end``, ``power``, ``flip``),
 so ``optax.inject_hyperparams`` of ``power`` takes effect and a state restored
 into a transformation with other numbers follows the new ones. Operands, not
-Python constants, let XLA share one fused kernel across all leaves of a shape.
+Python constants, let XLA share one fused kernel across all leaves of a shape;
+one operand per distinct value (per block, not per leaf) keeps the step's
+argument count and compile time close to the base optimizer's.
 
 The stored operands sit under a key naming the settings that produced them
 (``'block'``, ``'tensor'``, ``'block_<hash of order/stacked>'``,
@@ -181,16 +184,30 @@ class LayerProfile:
     return _paths.map_with_path(value, tree)
 
 
+class SharedValue(NamedTuple):
+  """One per-leaf operand and the leaves that use it.
+
+  ``paths`` is ``{path: None}``: structure only, no buffer. Leaves with the
+  same value (all leaves of a block, under ``granularity="block"``) share one
+  operand, so a step carries one scalar per block instead of one per leaf.
+  """
+
+  value: jax.Array
+  paths: dict[str, None]
+
+
 class LayerScaleState(NamedTuple):
   """A ``layer_scale`` as the optimizer state holds it.
 
-  ``per_leaf`` maps one settings key to ``{path: float32 operand}`` for every
-  leaf the transformation covers (paths ``'a/b/0/c'``, a leading ``params``
-  collection dropped): for a :class:`LayerProfile` the leaf's height ``1 -
-  depth`` (keys ``'block'``/``'tensor'``/``'block_…'``; the default profile
-  multiplies by it directly, so the update needs no op for it), the scales
-  themselves (``'scale…'``), or ``None`` marking coverage (``'constant'``);
-  it is empty for a scalar scale on an anchored transformation. ``numbers``
+  ``per_leaf`` maps one settings key to the per-leaf data of every leaf the
+  transformation covers (paths ``'a/b/0/c'``, a leading ``params`` collection
+  dropped): ``{group: SharedValue}``, one float32 operand per distinct value
+  with the paths that use it -- for a :class:`LayerProfile` the leaves'
+  height ``1 - depth`` (keys ``'block'``/``'tensor'``/``'block_…'``; the
+  default profile multiplies by it directly, so the update needs no op for
+  it), or the scales themselves (``'scale…'``) -- or ``{path: None}`` marking
+  coverage (``'constant'``); it is empty for a scalar scale on an anchored
+  transformation. ``numbers``
   holds ``(start, end, power, flip)`` of the last ``init``/``update`` (what
   :func:`~dualopt_jax.describe` shows; a scalar scale ``s`` is the constant
   profile ``start = end = s``), one array so the step carries one buffer.
@@ -286,13 +303,48 @@ def init_layer_scale(
     return _numbers_state(spec, {tag: jnp.zeros((), jnp.float32)})
   if isinstance(spec, LayerProfile):
     table = spec.depths(params)
-    values = {key(p): _paths.operand(1.0 - np.asarray(table[p], np.float32)) for p, _ in present}
+    values = _shared({key(p): 1.0 - np.asarray(table[p], np.float32) for p, _ in present})
   elif not is_per_leaf(spec):
     values = dict.fromkeys((key(p) for p, _ in present), None)  # structure only: no buffers
   else:
     resolved = dict(_paths.present_leaves(_per_leaf.resolve(spec, params, name=name)))
-    values = {key(p): _paths.operand(resolved[p]) for p, _ in present}
+    values = _shared({key(p): resolved[p] for p, _ in present})
   return _numbers_state(spec, {tag: values})
+
+
+def _shared(by_path: dict[str, Any]) -> dict[str, SharedValue]:
+  """``{group: SharedValue}``: one operand per distinct known value (shape and float32 bits).
+
+  A value not known at ``init`` (traced) gets an operand of its own. Groups
+  are numbered in the order of their first path, so the keys follow from
+  the paths alone.
+  """
+  groups: dict[Any, tuple[Any, dict[str, None]]] = {}
+  for path in sorted(by_path):
+    value = by_path[path]
+    global_array = isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer) and (
+      not value.is_fully_addressable
+    )
+    concrete = None if global_array else _hyperparams.concrete(value)
+    ident = ("path", path) if concrete is None else (
+      np.shape(concrete), np.asarray(concrete, np.float32).tobytes()
+    )
+    groups.setdefault(ident, (value, {}))[1][path] = None
+  return {
+    f"{i:05d}": SharedValue(_paths.operand(value), members)
+    for i, (value, members) in enumerate(groups.values())
+  }
+
+
+def _by_path(values: dict[str, Any], per_group: Any) -> dict[str, Any]:
+  """``{path: per_group(operand)}`` from a ``per_leaf`` entry, computing once per group."""
+  out: dict[str, Any] = {}
+  for shared in values.values():
+    if not isinstance(shared, SharedValue):  # {path: None}: coverage, no values
+      return {}
+    value = per_group(shared.value)
+    out.update(dict.fromkeys(shared.paths, value))
+  return out
 
 
 def check_layer_scale(spec: Any, state: LayerScaleState, *, name: str) -> None:
@@ -317,9 +369,9 @@ def layer_multipliers(spec: Any, state: LayerScaleState, updates: Any, *, name: 
     return _paths.map_with_path(lambda _p, _u: spec, updates)
   check_layer_scale(spec, state, name=name)
   (stored,) = state.per_leaf.values()
-  if isinstance(spec, LayerProfile):
-    return _paths.map_with_path(lambda p, _u: spec.at_height(stored[key(p)]), updates)
-  return _paths.map_with_path(lambda p, _u: stored[key(p)], updates)
+  per_group = spec.at_height if isinstance(spec, LayerProfile) else (lambda v: v)
+  by_path = _by_path(stored, per_group) if isinstance(stored, dict) else {}
+  return _paths.map_with_path(lambda p, _u: by_path[key(p)], updates)
 
 
 def at_step(
@@ -351,12 +403,14 @@ def stored_multipliers(state: LayerScaleState) -> dict[str, Any] | None:
   if tag == "constant":
     return dict.fromkeys(values, state.start)
   if tag.startswith("scale"):
-    return dict(values)
+    return _by_path(values, lambda v: v)
   flip = state.flip
-  return {
-    p: _depths.profile_value(jnp.where(flip, h, 1.0 - h), state.start, state.end, state.power)
-    for p, h in ((p, jnp.asarray(h, jnp.float32)) for p, h in values.items())
-  }
+
+  def multiplier(height: Any) -> Any:
+    h = jnp.asarray(height, jnp.float32)
+    return _depths.profile_value(jnp.where(flip, h, 1.0 - h), state.start, state.end, state.power)
+
+  return _by_path(values, multiplier)
 
 
 def stored_depths(state: LayerScaleState) -> dict[str, Any] | None:
@@ -366,7 +420,7 @@ def stored_depths(state: LayerScaleState) -> dict[str, Any] | None:
   ((tag, values),) = state.per_leaf.items()
   if tag.startswith("scale") or tag == "constant" or not isinstance(values, dict):
     return None
-  return {p: 1.0 - jnp.asarray(h, jnp.float32) for p, h in values.items()}
+  return _by_path(values, lambda h: 1.0 - jnp.asarray(h, jnp.float32))
 
 
 def as_tuple(spec: Any) -> Any:

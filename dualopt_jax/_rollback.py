@@ -81,11 +81,18 @@ def _pull_toward(u: chex.Array, p: chex.Array, a: chex.Array | None, lam: Any) -
 def _pull_all(updates: Any, params: Any, scales: Any, rate_t: Any, anchor: Any = None) -> Any:
   """``_pull_toward`` on every leaf (toward ``anchor``, or 0); MaskedNodes pass through."""
 
+  fractions: dict[int, tuple[Any, Any]] = {}  # per multiplier object: leaves of a block share one
+
+  def fraction(s: Any) -> Any:
+    if id(s) not in fractions:
+      fractions[id(s)] = (s, rate_t * s)  # s kept alive, so its id is not reused
+    return fractions[id(s)][1]
+
   def one(u: Any, p: Any, s: Any, *a: Any) -> Any:
     if _paths.is_masked_node(u):
       return u
     toward = a[0] if a and not _paths.is_masked_node(a[0]) else None  # MaskedNode: anchor 0
-    return _pull_toward(u, p, toward, rate_t * s)
+    return _pull_toward(u, p, toward, fraction(s))
 
   rest = () if anchor is None else (anchor,)
   return jax.tree.map(one, updates, params, scales, *rest, is_leaf=_paths.is_masked_node)

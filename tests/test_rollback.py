@@ -256,3 +256,43 @@ def test_property_extremes_rate_zero_is_identity_and_one_returns_to_anchor(tree)
       np.asarray(updates[key], np.float64)).max(initial=0)
     np.testing.assert_allclose(got, np.asarray(anchor[key], np.float64),
                                atol=float(jnp.finfo(params[key].dtype).eps) * 4 * scale)
+
+
+def _rollback_state(state):
+  (found,) = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, dj.RollbackState))
+              if isinstance(s, dj.RollbackState)]
+  return found
+
+
+def test_leaves_of_a_block_share_one_depth_operand() -> None:
+  """One float32 operand per distinct depth, naming its paths; the step carries no more."""
+  block = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+  params = {"embed": {"embedding": jnp.ones((3, 2))}, "layers_0": block, "layers_1": block,
+            "head": {"kernel": jnp.ones((2, 1))}}
+  tx = dj.dualopt(1e-2, rollback=0.1, head="head")
+  state = tx.init(params)
+  (groups,) = _rollback_state(state).layer_scale.per_leaf.values()
+  assert all(isinstance(g, dj.SharedValue) for g in groups.values())
+  members = sorted(p for g in groups.values() for p in g.paths)
+  assert members == ["embed/embedding", "layers_0/bias", "layers_0/kernel", "layers_1/bias",
+                     "layers_1/kernel"]  # each covered leaf once, the head not at all
+  heights = {p: float(g.value) for g in groups.values() for p in g.paths}
+  assert len(groups) == 3 == len(set(heights.values()))  # embedding, block 0, block 1
+  assert heights["layers_0/bias"] == heights["layers_0/kernel"] != heights["layers_1/kernel"]
+  # The step carries one buffer per group (and the profile numbers), not one per leaf.
+  assert len(jax.tree.leaves(_rollback_state(state).layer_scale)) == len(groups) + 1
+
+
+def test_layer_scales_known_only_under_jit_keep_one_operand_each() -> None:
+  """Values traced at init cannot be compared: each leaf keeps its own operand, same result."""
+  params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  scale = lambda tree: jax.tree.map(lambda x: 0.5 + 0.0 * jnp.sum(x), tree)  # noqa: E731
+  tx = dj.layerwise_decay(rate=0.2, layer_scale=scale)
+  eager, jitted = tx.init(params), jax.jit(tx.init)(params)
+  assert len(next(iter(eager.layer_scale.per_leaf.values()))) == 1  # equal values share
+  assert len(next(iter(jitted.layer_scale.per_leaf.values()))) == 2
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for state in (eager, jitted):
+    got, _ = _apply(tx, zero, params, state)
+    np.testing.assert_allclose(got["a"], 0.9, rtol=1e-6)
+    np.testing.assert_allclose(got["b"], 0.9, rtol=1e-6)
