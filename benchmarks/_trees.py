@@ -38,10 +38,16 @@ class TreeSpec:
   d_model: int
   n_layers: int = 24
   vocab: int = 32768
+  scanned: bool = False  # blocks stacked along a leading axis (nn.scan / nnx.scan): 8 leaves
+
+  @property
+  def layout(self) -> TreeSpec:
+    """The same model with its blocks stacked (``scanned``), as a scan-over-layers model has."""
+    return dataclasses.replace(self, name=f"{self.name} scanned", scanned=True)
 
   @property
   def n_leaves(self) -> int:
-    return 1 + LEAVES_PER_LAYER * self.n_layers
+    return 1 + LEAVES_PER_LAYER * (1 if self.scanned else self.n_layers)
 
   @property
   def n_params(self) -> int:
@@ -65,16 +71,21 @@ TINY_SIZES = (TreeSpec("tiny", d_model=8, n_layers=2, vocab=16),)
 
 def _shapes(spec: TreeSpec) -> dict[str, tuple[int, ...]]:
   d = spec.d_model
+  block = {
+    "ln1/scale": (d,),
+    "attn/qkv/kernel": (d, 3 * d),
+    "attn/out/kernel": (d, d),
+    "ln2/scale": (d,),
+    "mlp/fc1/kernel": (d, 4 * d),
+    "mlp/fc1/bias": (4 * d,),
+    "mlp/fc2/kernel": (4 * d, d),
+  }
   shapes = {"embed/embedding": (spec.vocab, d)}
+  if spec.scanned:
+    shapes.update({f"layers/{k}": (spec.n_layers, *s) for k, s in block.items()})
+    return shapes
   for i in range(spec.n_layers):
-    p = f"layers_{i}"
-    shapes[f"{p}/ln1/scale"] = (d,)
-    shapes[f"{p}/attn/qkv/kernel"] = (d, 3 * d)
-    shapes[f"{p}/attn/out/kernel"] = (d, d)
-    shapes[f"{p}/ln2/scale"] = (d,)
-    shapes[f"{p}/mlp/fc1/kernel"] = (d, 4 * d)
-    shapes[f"{p}/mlp/fc1/bias"] = (4 * d,)
-    shapes[f"{p}/mlp/fc2/kernel"] = (4 * d, d)
+    shapes.update({f"layers_{i}/{k}": s for k, s in block.items()})
   return shapes
 
 
@@ -130,9 +141,18 @@ def forward_positions(spec: TreeSpec) -> dict[str, int]:
 
   ``_shapes`` lists the leaves input to output (embedding, then per block the
   norm, attention, norm and MLP tensors); the names alone do not fix the
-  order inside a block, which ``granularity="tensor"`` (``olor``) needs.
+  order inside a block, which ``granularity="tensor"`` (``olor``) needs. For a
+  ``scanned`` tree a stacked leaf has one position per slice.
   """
-  return {f"params/{path}": i for i, path in enumerate(_shapes(spec))}
+  if not spec.scanned:
+    return {f"params/{path}": i for i, path in enumerate(_shapes(spec))}
+  block = [p.removeprefix("layers/") for p in _shapes(spec) if p.startswith("layers/")]
+  positions: dict[str, Any] = {"params/embed/embedding": 0}
+  for j, name in enumerate(block):  # slice i of a stacked leaf is block i's tensor j
+    positions[f"params/layers/{name}"] = tuple(
+      1 + i * len(block) + j for i in range(spec.n_layers)
+    )
+  return positions
 
 
 def tree_bytes(tree: Any) -> int:

@@ -1,6 +1,6 @@
 """Compile time of the full optimizer step vs the number of parameter leaves.
 
-For trees of 10 to 2,000 leaves (transformer-shaped, ``1 + 7 * n_layers``
+For trees of 10 to 5,000 leaves (transformer-shaped, ``1 + 7 * n_layers``
 leaves of small size, so the time is the per-leaf cost of tracing, lowering
 and XLA compilation), measures for each method ``jax.jit(step,
 donate_argnums=(0, 1)).lower(params, state, grads)`` (trace + lower, which
@@ -32,7 +32,7 @@ import _trees  # noqa: E402
 import jax  # noqa: E402
 from step_time import RESULTS, device_name  # noqa: E402
 
-DEFAULT_LEAVES = (10, 100, 500, 2000)
+DEFAULT_LEAVES = (10, 100, 500, 2000, 5000)
 
 
 def measure(spec: _trees.TreeSpec, method: _trees.Method) -> dict[str, float]:

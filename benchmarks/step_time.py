@@ -22,6 +22,11 @@ Usage::
   nice -n 10 .venv/bin/python benchmarks/step_time.py            # CPU sizes, <= 3 min
   .venv/bin/python benchmarks/step_time.py --large               # 92M, 335M, 1.27B (GPU)
   .venv/bin/python benchmarks/step_time.py --sizes 21M --methods adamw dualopt_ft
+  .venv/bin/python benchmarks/step_time.py --scanned --methods adamw dualopt_ft spd
+
+``--scanned`` runs the same models with their blocks stacked along a leading
+axis (the ``nn.scan``/``nnx.scan`` layout: 8 leaves instead of 169; the
+depths are per slice, detected as ``stacked``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -107,12 +113,20 @@ def bench_size(
   # 2^30 elements (4 GiB), far beyond any cache, so that 1.27B params do not need a 20 GB buffer.
   copy_bw = copy_bandwidth(min(4 * n, 2**30))
   txs = {m.name: m.make(spec) for m in methods}
-  steps = {
-    m.name: jax.jit(_trees.make_step(txs[m.name]), donate_argnums=(0, 1)) for m in methods
-  }
+  steps, compile_s = {}, {}
+  for m in methods:
+    t0 = time.perf_counter()
+    steps[m.name] = (
+      jax.jit(_trees.make_step(txs[m.name]), donate_argnums=(0, 1))
+      .lower(base, jax.eval_shape(txs[m.name].init, base), grads)
+      .compile()
+    )
+    compile_s[m.name] = time.perf_counter() - t0
+  compiled_stats = {m.name: _compiled_stats(steps[m.name], n) for m in methods}
   per_block: dict[str, Any] = {}
   times: dict[str, list[float]] = {m.name: [] for m in methods}
   cpu_times: dict[str, list[float]] = {m.name: [] for m in methods}
+  faults: dict[str, list[float]] = {m.name: [] for m in methods}
   first_call_s: dict[str, float] = {}
   live: dict[str, Any] = {}
   for r in range(rounds + 1):
@@ -147,12 +161,14 @@ def bench_size(
           params, state = steps[m.name](params, state, grads)  # untimed warm-up after init
           _block(params)
         k = per_block[m.name]
+        f0 = _minor_faults()
         c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(k):
           params, state = steps[m.name](params, state, grads)
         _block((params, state))
         times[m.name].append((time.perf_counter() - t0) / k)
         cpu_times[m.name].append((time.process_time() - c0) / k)
+        faults[m.name].append((_minor_faults() - f0) / k)
       if keep_states:
         live[m.name] = (params, state)
       del params, state
@@ -186,18 +202,38 @@ def bench_size(
         "frac_of_copy": bw / copy_bw,
         "steps_per_round": per_block[m.name],
         "rounds": rounds,
-        "first_call_s": first_call_s[m.name],
+        "compile_s": compile_s[m.name],
+        "first_call_s": first_call_s[m.name],  # the first execution, after compile_s
+        "page_faults_per_step": statistics.median(faults[m.name]),
+        **compiled_stats[m.name],
       }
     )
   log(format_table(rows))
   return rows
 
 
+def _minor_faults() -> int:
+  """Minor page faults of this process so far (a step that maps fresh memory each time)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _compiled_stats(compiled: Any, n_params: int) -> dict[str, float]:
+  """XLA's bytes accessed per parameter and temporary buffer size of the compiled step."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory = compiled.memory_analysis()
+  return {
+    "xla_bytes_per_param": float(cost.get("bytes accessed", float("nan"))) / n_params,
+    "temp_MB": float("nan") if memory is None else memory.temp_size_in_bytes / 1e6,
+  }
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
   head = (
     "| size | params | leaves | method | median ms | x adamw | x adamw (min) | "
-    "x adamw (CPU time) | B/param | eff. GB/s | copy GB/s | % of copy |\n"
-    "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "x adamw (CPU time) | B/param | eff. GB/s | copy GB/s | % of copy | XLA B/param | "
+    "temp MB | page faults/step |\n"
+    "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   )
   lines = [head]
   for r in rows:
@@ -207,7 +243,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
       f"{r['ratio_cpu_time']:.3f} | "
       f"{r['ideal_bytes_per_param']:.0f} | "
       f"{r['eff_bandwidth_GBps']:.1f} | {r['copy_bandwidth_GBps']:.1f} | "
-      f"{100 * r['frac_of_copy']:.0f} |"
+      f"{100 * r['frac_of_copy']:.0f} | {r['xla_bytes_per_param']:.1f} | {r['temp_MB']:.1f} | "
+      f"{r['page_faults_per_step']:.0f} |"
     )
   return "\n".join(lines)
 
@@ -223,6 +260,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   ap.add_argument("--max-steps", type=int, default=50, help="max steps per timed block")
   ap.add_argument("--low-memory", action="store_true",
                   help="rebuild params/state every round (default with --large)")
+  ap.add_argument("--scanned", action="store_true",
+                  help="the same models with their blocks stacked (nn.scan layout, 8 leaves)")
   ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
   ap.add_argument("--no-write", action="store_true", help="print only")
   args = ap.parse_args(argv)
@@ -232,6 +271,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   )
   if args.sizes:
     sizes = tuple(s for s in sizes if s.name in args.sizes)
+  if args.scanned:
+    sizes = tuple(s.layout for s in sizes)
   rounds = args.rounds or (1 if args.tiny else 15)
   block_s = args.block_s or (0.01 if args.tiny else 0.06)
   methods, notes = _trees.select_methods(args.methods)
@@ -248,7 +289,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   if not args.no_write:
     out = Path(args.out) if args.out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    tag = "tiny" if args.tiny else ("large" if args.large else "cpu")
+    tag = ("tiny" if args.tiny else ("large" if args.large else "cpu")) + (
+      "_scanned" if args.scanned else ""
+    )
     meta = {
       "device": device_name(),
       "jax": jax.__version__,

@@ -80,7 +80,6 @@ def _pull_toward(u: chex.Array, p: chex.Array, a: chex.Array | None, lam: Any) -
 
 def _pull_all(updates: Any, params: Any, scales: Any, rate_t: Any, anchor: Any = None) -> Any:
   """``_pull_toward`` on every leaf (toward ``anchor``, or 0); MaskedNodes pass through."""
-
   fractions: dict[int, tuple[Any, Any]] = {}  # per multiplier object: leaves of a block share one
 
   def fraction(s: Any) -> Any:

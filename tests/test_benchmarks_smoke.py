@@ -19,6 +19,7 @@ import _trees  # noqa: E402
 import compile_time  # noqa: E402
 import memory  # noqa: E402
 import step_time  # noqa: E402
+import xla_cpu_limits  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +50,26 @@ def test_step_time_smoke(tmp_path):
   low = step_time.main(["--tiny", "--low-memory", "--rounds", "1", "--methods", "adamw",
                         "dualopt_ft", "--no-write"])
   assert [r["method"] for r in low] == ["adamw", "dualopt_ft"]
+  by_method = {r["method"]: r for r in rows}
+  # XLA's own accounting of the compiled step: adamw reads/writes 40 B/param on CPU (no
+  # multi-output fusion), the f32 anchor adds its read; SPD's per-tensor sums need temporaries.
+  assert by_method["dualopt_ft"]["xla_bytes_per_param"] > by_method["adamw"]["xla_bytes_per_param"]
+  assert by_method["adamw"]["temp_MB"] < by_method["spd"]["temp_MB"]
+  assert all(r["page_faults_per_step"] >= 0 for r in rows)
+
+
+def test_step_time_scanned_layout(tmp_path):
+  spec = _trees.TreeSpec("x", d_model=8, n_layers=3, vocab=16).layout
+  structs = _trees.shape_structs(spec)
+  assert spec.n_leaves == len(_trees.jax.tree.leaves(structs)) == 8
+  assert spec.n_params == _trees.TreeSpec("x", d_model=8, n_layers=3, vocab=16).n_params
+  assert structs["params"]["layers"]["mlp"]["fc1"]["kernel"].shape == (3, 8, 32)
+  positions = _trees.forward_positions(spec)
+  assert positions["params/layers/ln1/scale"] == (1, 8, 15)  # one position per slice
+  rows = step_time.main(["--tiny", "--scanned", "--methods", "adamw", "dualopt_ft", "olor", "spd",
+                         "--out", str(tmp_path)])
+  assert [r["n_leaves"] for r in rows] == [8, 8, 8, 8]
+  assert (tmp_path / "step_time_tiny_scanned.md").exists()
 
 
 def test_memory_smoke(tmp_path):
@@ -86,3 +107,11 @@ def test_proto_fused_adam_layouts_agree_and_time():
   rows = proto_fused_adam.time_size(tiny, rounds=1, block=1)
   assert [r["method"] for r in rows][0] == "adamw" and len(rows) == 7
   assert all(r["fusions"] > 0 and r["ms"] > 0 for r in rows)
+
+
+def test_xla_cpu_limit_probes_run(capsys):
+  """The probes behind BUILD_NOTES' issue-14 limits run; their SPD forms equal ``dj.spd``."""
+  xla_cpu_limits.main(["--tiny"])
+  out = capsys.readouterr().out
+  assert "passed-through buffers" in out and "+ anchor read, returned" in out
+  assert "all match dj.spd" in out and "| variadic reduce |" in out
