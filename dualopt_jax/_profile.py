@@ -340,8 +340,14 @@ def _by_path(values: dict[str, Any], per_group: Any) -> dict[str, Any]:
   """``{path: per_group(operand)}`` from a ``per_leaf`` entry, computing once per group."""
   out: dict[str, Any] = {}
   for shared in values.values():
-    if not isinstance(shared, SharedValue):  # {path: None}: coverage, no values
+    if shared is None:  # {path: None}: coverage, no values
       return {}
+    if not isinstance(shared, SharedValue):
+      raise ValueError(
+        "the optimizer state holds per-leaf layer data in another layout (a state saved by an "
+        "earlier dualopt_jax, keyed by path); initialise the state with tx.init and restore only "
+        "the parameters."
+      )
     value = per_group(shared.value)
     out.update(dict.fromkeys(shared.paths, value))
   return out

@@ -296,3 +296,17 @@ def test_layer_scales_known_only_under_jit_keep_one_operand_each() -> None:
     got, _ = _apply(tx, zero, params, state)
     np.testing.assert_allclose(got["a"], 0.9, rtol=1e-6)
     np.testing.assert_allclose(got["b"], 0.9, rtol=1e-6)
+
+
+def test_a_state_in_the_earlier_per_path_layout_is_refused_by_name() -> None:
+  params = {"layers_0": {"kernel": jnp.ones((2, 2))}, "layers_1": {"kernel": jnp.ones((2, 2))}}
+  tx = dj.dualopt(1e-2)
+  state = tx.init(params)
+  pull = _rollback_state(state)
+  ((tag, groups),) = pull.layer_scale.per_leaf.items()
+  per_path = {p: g.value for g in groups.values() for p in g.paths}  # one operand per path
+  old = pull._replace(layer_scale=pull.layer_scale._replace(per_leaf={tag: per_path}))
+  state = jax.tree.map(lambda s: old if isinstance(s, dj.RollbackState) else s, state,
+                       is_leaf=lambda s: isinstance(s, dj.RollbackState))
+  with pytest.raises(ValueError, match="another layout.*earlier dualopt_jax"):
+    tx.update(jax.tree.map(jnp.ones_like, params), state, params)
