@@ -136,7 +136,7 @@ def shape_structs(spec: TreeSpec, dtype: Any = jnp.float32) -> dict[str, Any]:
   return _nest({k: jax.ShapeDtypeStruct(s, dtype) for k, s in _shapes(spec).items()})
 
 
-def forward_positions(spec: TreeSpec) -> dict[str, int]:
+def forward_positions(spec: TreeSpec) -> dict[str, Any]:
   """The tree's forward order (``dj.forward_order``'s format), from the model spec itself.
 
   ``_shapes`` lists the leaves input to output (embedding, then per block the

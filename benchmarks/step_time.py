@@ -99,7 +99,8 @@ def bench_size(
 ) -> list[dict[str, Any]]:
   """Median step time of every method on one tree size, interleaved.
 
-  Round 0 compiles, warms up and times each method; one block length for all (about
+  Each step is compiled first (``compile_s``; XLA's bytes, temporaries from the compiled
+  step); round 0 warms up and times each method; one block length for all (about
   ``target_block_s`` for the fastest); each later round times one block of every method in
   turn, in an order rotated by one every round. With ``keep_states`` every
   method keeps its params and state between rounds (fast); without, they are
